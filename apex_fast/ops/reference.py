@@ -38,10 +38,11 @@ def group_stats(R: torch.Tensor, group_ids: torch.Tensor):
     std = (s2 / count.clamp_min(1)).sqrt()
     # an all-equal group has std exactly 0 even when its fp mean is off by an ulp
     big = torch.finfo(torch.float32).max
-    gmax = torch.full((G, K), -big, device=R.device).index_reduce_(
-        0, inverse, torch.where(valid, x, torch.full_like(x, -big)), "amax")
-    gmin = torch.full((G, K), big, device=R.device).index_reduce_(
-        0, inverse, torch.where(valid, x, torch.full_like(x, big)), "amin")
+    idx = inverse[:, None].expand(-1, K)
+    gmax = torch.full((G, K), -big, device=R.device).scatter_reduce_(
+        0, idx, torch.where(valid, x, torch.full_like(x, -big)), "amax")
+    gmin = torch.full((G, K), big, device=R.device).scatter_reduce_(
+        0, idx, torch.where(valid, x, torch.full_like(x, big)), "amin")
     std = torch.where(gmax > gmin, std, torch.zeros_like(std))
     return inverse, count, mean, std
 
@@ -85,3 +86,72 @@ def group_normalize(
     # zero-variance groups give exactly 0 (so zero-advantage masking drops them), also with global_std
     A = torch.where(std[inverse] > 0, A, torch.zeros_like(A))
     return A.reshape(R.shape) if squeeze else A
+
+
+def _floor_vector(std_floor, K: int, device) -> torch.Tensor | None:
+    """std_floor (None, scalar or [K]) -> float32 [K] tensor (or None)."""
+    if std_floor is None:
+        return None
+    floor = torch.as_tensor(std_floor, dtype=torch.float32, device=device).flatten()
+    if floor.numel() == 1:
+        floor = floor.expand(K)
+    if floor.numel() != K:
+        raise ValueError(f"std_floor must be a scalar or [K={K}], got {floor.numel()} values")
+    return floor
+
+
+def dual_stage_advantages(
+    R: torch.Tensor,
+    group_ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    std_floor: torch.Tensor | float | None = None,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """APEX Dual-Stage Adaptive Normalization (SPEC 3).
+
+    R [N, K] rewards (NaN = failed), group_ids [N] int (arbitrary values), weights [K] = the priorities
+    pi (used as given, not renormalised), std_floor None / scalar / [K] (kappa * sbar_k).
+
+    Stage 1: ``Ahat[i, k] = (R[i, k] - mean_{g,k}) / (max(std_{g,k}, floor_k) + eps)`` with the
+    population std (ddof 0); NaN entries get 0 and are excluded from the statistics; a group whose
+    finite entries of column k are all equal gives exactly 0 in that column.
+    Stage 2: ``s = Ahat @ pi``; ``A = (s - mean(s)) / (std_pop(s) + eps)`` over all N samples, then
+    clipped to [-clip, clip]. A sample with ``s == 0`` exactly (no usable signal in any objective)
+    keeps ``A = 0`` so the zero-advantage mask drops it.
+
+    Returns ``(A [N] float32, Ahat [N, K] float32, stats)`` with stats (tensors, no host sync):
+    ``inverse`` [N] dense group index, ``count`` / ``mean`` / ``std`` [G, K] per-group statistics (std
+    before the floor), ``combined`` [N] = s, ``batch_mean`` / ``batch_std`` (scalars of stage 2) and
+    ``clip_frac`` (share of samples with |A| == clip).
+    """
+    _check_rewards(R, group_ids)
+    if R.dim() != 2:
+        raise ValueError(f"R must be [N, K], got shape {tuple(R.shape)}")
+    N, K = R.shape
+    w = torch.as_tensor(weights, dtype=torch.float32, device=R.device).flatten()
+    if w.numel() != K:
+        raise ValueError(f"weights must be [K={K}], got {w.numel()} values")
+    floor = _floor_vector(std_floor, K, R.device)
+    if N == 0:
+        z = torch.zeros((), device=R.device)
+        e = torch.zeros(0, K, device=R.device)
+        return (torch.zeros(0, device=R.device), e.clone(),
+                dict(inverse=torch.zeros(0, dtype=torch.long, device=R.device), count=e, mean=e, std=e,
+                     combined=torch.zeros(0, device=R.device), batch_mean=z, batch_std=z, clip_frac=z))
+    inverse, count, mean, std = group_stats(R, group_ids)
+    Rf = R.float()
+    valid = torch.isfinite(Rf)
+    centered = torch.where(valid, Rf - mean[inverse], torch.zeros_like(Rf))
+    denom = std if floor is None else torch.maximum(std, floor.expand_as(std))
+    Ahat = centered / (denom[inverse] + eps)
+    Ahat = torch.where(std[inverse] > 0, Ahat, torch.zeros_like(Ahat))
+    s = (Ahat * w).sum(1)
+    bmean = s.mean()
+    bstd = ((s - bmean) ** 2).mean().sqrt()
+    A = ((s - bmean) / (bstd + eps)).clamp(-clip, clip)
+    A = torch.where(s == 0, torch.zeros_like(A), A)
+    stats = dict(inverse=inverse, count=count, mean=mean, std=std, combined=s, batch_mean=bmean,
+                 batch_std=bstd, clip_frac=(A.abs() >= clip).float().mean())
+    return A, Ahat, stats
