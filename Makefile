@@ -1,0 +1,31 @@
+# The two README commands: `make demo` (main job on the embedded tiny model) and `make test`.
+# Both create .venv if missing and install the project into it (torch first, from the local CPU
+# build, so nothing pulls another torch; --no-build-isolation so the C++ extension builds against it).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.apex-fast-installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo demo-apex test install bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev,distributed]" --no-build-isolation
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m apex_fast.train --config configs/tiny_cpu.yaml
+
+demo-apex: $(STAMP)
+	$(PY) -m bench.compare_methods --config configs/tiny_cpu.yaml --methods static apex
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15
+
+clean:
+	rm -rf outputs build *.egg-info

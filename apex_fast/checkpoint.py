@@ -1,0 +1,133 @@
+"""Atomic checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+Layout of one checkpoint folder (``<output_dir>/checkpoints/checkpoint-<epoch>``):
+  pytorch_lora_weights.safetensors  LoRA in diffusers format (``pipe.load_lora_weights(folder)``)
+  state.safetensors                 every tensor of the trainer state (weights, optimizer, EMA, RNG, balancer)
+  state.json                        the rest (epoch, step, hyperparameters, history), with tensor placeholders
+A folder is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written checkpoint under a real name and never damages an earlier one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+_TENSOR = "__tensor__"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Nested dicts/lists/tuples of tensors and JSON scalars -> JSON skeleton + flat tensor dict."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "t"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[str(k)] = flatten_state(v, tensors, f"{prefix}.{k}" if prefix else str(k))
+        # remember integer keys (torch optimizers key their state by parameter index)
+        if obj and all(isinstance(k, int) for k in obj):
+            out["__int_keys__"] = True
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint value of type {type(obj).__name__} at {prefix!r}")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        int_keys = obj.get("__int_keys__", False)
+        return {(int(k) if int_keys else k): unflatten_state(v, tensors) for k, v in obj.items() if k != "__int_keys__"}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None, keep: int | None = None) -> Path:
+    """Write ``state`` (nested tensors + JSON values) atomically as checkpoint-<epoch> under ``root``.
+    ``write_extra(tmp_dir)`` adds files (e.g. the diffusers-format LoRA) before the rename."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{epoch:06d}"
+    tmp = root / f".tmp-checkpoint-{epoch:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten_state(state, tensors)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        if write_extra is not None:
+            write_extra(tmp)
+        (tmp / "state.json").write_text(json.dumps(skeleton))  # written last: marks completeness
+        if final.exists():
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str, root: str | Path) -> Path:
+    """``latest`` -> newest complete checkpoint under root; otherwise a checkpoint folder path."""
+    if resume == "latest":
+        found = checkpoint_dirs(root)
+        if not found:
+            raise CheckpointError(
+                f"checkpoint.resume=latest: no complete checkpoint under {root}; start without --resume "
+                f"or point log.output_dir at the run to continue")
+        return found[-1]
+    p = Path(resume)
+    if not (p / "state.json").is_file():
+        raise CheckpointError(
+            f"checkpoint.resume: {resume!r} is not a checkpoint folder (no state.json); "
+            f"use 'latest' or a path like <output_dir>/checkpoints/checkpoint-000010")
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        skeleton = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+        return unflatten_state(skeleton, tensors)
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}); resume from an "
+            f"earlier checkpoint (checkpoint.resume=<folder>) or delete this folder") from None

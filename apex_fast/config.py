@@ -1,0 +1,329 @@
+"""Run configuration: dataclasses, YAML files, dotted CLI overrides, validation whose errors name
+the field (e.g. ``train.lr``) and say how to fix it.
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides=["train.lr=1e-4", "balance.method=apex"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .balance.config import BalanceConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field."""
+
+
+LORA_TARGETS = [
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+]
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny"  # "tiny" (embedded, offline) | hub id | local diffusers folder
+    seed: int = 0  # seed of the embedded tiny model's weights
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: frozen weights; LoRA and the SDE math stay fp32
+    resolution: int = 64  # image side in pixels
+    gradient_checkpointing: bool = False
+    attention_backend: str = "sdpa"  # sdpa | xformers
+    revision: str | None = None
+    variant: str | None = None
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True  # false: full fine-tuning of the transformer
+    rank: int = 32
+    alpha: int = 64
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "tiny_train.txt"  # .txt (one per line) or .jsonl ({"prompt": ...}); bare names resolve to apex_fast/data/prompts
+    eval_prompts: str = "tiny_eval.txt"
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 10  # SDE sampling steps
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7  # a in SPEC 1; 0 = deterministic ODE
+    group_size: int = 24  # images per prompt (G)
+    prompts_per_epoch: int = 48  # groups per epoch (global, over all ranks)
+    batch_size: int = 8  # images per transformer call while sampling (per rank)
+    max_sequence_length: int = 77
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    seed: int = 42
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-4  # PPO ratio clip eps_c
+    kl_beta: float = 0.04  # beta of the KL to the LoRA-disabled reference (0 disables)
+    timestep_fraction: float = 0.99  # fraction of the SDE steps that are trained
+    micro_batch_size: int = 8  # samples per forward/backward (per rank)
+    inner_epochs: int = 1  # passes over one epoch's samples
+    ema: bool = True  # EMA of the trainable weights, used for evaluation
+    ema_decay: float = 0.9
+    ema_every: int = 8  # optimizer steps between EMA updates
+    gram_every: int = 1  # epochs between Gram estimates for balancers that want one (0: never)
+
+
+@dataclass
+class RewardSpec:
+    name: str = ""
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the scorer
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # epochs between evaluations (0: only at start and end)
+    num_steps: int = 40  # ODE steps
+    num_prompts: int = 16
+    images_per_prompt: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class LogConfig:
+    output_dir: str = "outputs/run"
+    tensorboard: bool = True
+    csv: bool = True
+    wandb: bool = False  # only if installed
+    plot: bool = True
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # epochs between checkpoints (0: only at the end)
+    keep: int = 3  # most recent checkpoints kept
+    resume: str | None = None  # None | "latest" | path to a checkpoint folder
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (ZeRO); None = plain torch
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"{path}: unknown field; valid fields of {where or 'the config'}: {', '.join(sorted(names))}")
+        kwargs[key] = _convert(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(data: dict, override: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into the nested dict; ``rewards.0.weight=2`` indexes lists."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected the form section.field=value, e.g. train.lr=1e-4")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(p)]
+        else:
+            node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"override {key}: index {last!r} out of range for a list of {len(node)}") from None
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file {str(p)!r} does not exist; pass a YAML file such as configs/tiny_cpu.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of sections (model:, train:, ...)")
+    for o in overrides or []:
+        apply_override(data, o)
+    return from_dict(Config, data).validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _validate(c: Config) -> None:
+    _require(c.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"{c.model.dtype!r} is not one of fp32, bf16, fp16")
+    _require(c.model.attention_backend in ("sdpa", "xformers"), "model.attention_backend",
+             f"{c.model.attention_backend!r} is not one of sdpa, xformers")
+    _require(c.model.resolution >= 16 and c.model.resolution % 16 == 0, "model.resolution",
+             f"must be a multiple of 16 and >= 16, got {c.model.resolution}")
+    _require(c.lora.rank >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
+    _require(c.lora.alpha > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    _require(len(c.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+    s = c.sample
+    _require(s.num_steps >= 2, "sample.num_steps", f"must be >= 2, got {s.num_steps}")
+    _require(s.noise_level >= 0, "sample.noise_level", f"must be >= 0, got {s.noise_level}")
+    _require(s.group_size >= 2, "sample.group_size",
+             f"must be >= 2 (group-relative advantages of a group of 1 are all 0), got {s.group_size}")
+    _require(s.prompts_per_epoch >= 1, "sample.prompts_per_epoch", f"must be >= 1, got {s.prompts_per_epoch}")
+    _require(s.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {s.batch_size}")
+    t = c.train
+    _require(t.epochs >= 0, "train.epochs", f"must be >= 0, got {t.epochs}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {t.max_grad_norm}")
+    _require(t.clip_range > 0, "train.clip_range", f"must be > 0, got {t.clip_range}")
+    _require(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
+    _require(0 < t.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {t.timestep_fraction}")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _require(t.inner_epochs >= 1, "train.inner_epochs", f"must be >= 1, got {t.inner_epochs}")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _require(t.ema_every >= 1, "train.ema_every", f"must be >= 1, got {t.ema_every}")
+    _require(t.gram_every >= 0, "train.gram_every", f"must be >= 0, got {t.gram_every}")
+    _require(len(c.rewards) > 0, "rewards", "no reward given; add e.g. `rewards: [{name: jpeg_compressibility, weight: 1.0}]`")
+    names = [r.name for r in c.rewards]
+    for i, r in enumerate(c.rewards):
+        _require(bool(r.name), f"rewards[{i}].name", "is empty")
+        _require(r.weight >= 0 and r.weight == r.weight and r.weight != float("inf"), f"rewards[{i}].weight",
+                 f"must be finite and >= 0, got {r.weight}")
+    _require(len(set(names)) == len(names), "rewards", f"reward names must be unique, got {names}")
+    _require(sum(r.weight for r in c.rewards) > 0, "rewards[*].weight",
+             "all weights are zero; give at least one reward a positive weight")
+    try:
+        c.balance.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(c.eval.every >= 0, "eval.every", f"must be >= 0, got {c.eval.every}")
+    _require(c.eval.num_steps >= 1, "eval.num_steps", f"must be >= 1, got {c.eval.num_steps}")
+    _require(c.eval.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {c.eval.num_prompts}")
+    _require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
+    _require(c.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")

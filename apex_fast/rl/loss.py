@@ -1,0 +1,50 @@
+"""Flow-GRPO's clipped policy loss with KL to the reference (docs/SPEC.md section 1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # scalar to backpropagate
+    policy_loss: torch.Tensor  # per-sample [n]
+    kl: torch.Tensor  # per-sample [n] (zeros when no reference is given)
+    ratio: torch.Tensor  # [n]
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float,
+    adv_clip: float = 5.0,
+    mean: torch.Tensor | None = None,
+    ref_mean: torch.Tensor | None = None,
+    step_std: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    denominator: int | None = None,
+) -> LossOut:
+    """Per trained timestep: ``L = sum_i m_i (L_pol_i + beta KL_i) / denominator``.
+
+    log_prob, old_log_prob, advantages: [n]. mean/ref_mean [n, C, H, W] and step_std [n, 1, 1, 1]
+    (the step's std sigma_t sqrt|dt|) give KL_i = mean_CHW (mu - mu_ref)^2 / (2 std^2), the exact KL
+    of the two Gaussian steps. m_i masks samples with advantage exactly 0 (SPEC 1). The denominator
+    defaults to n: a fixed count (not the number of unmasked samples) so that splitting a batch
+    across ranks and averaging their gradients gives the single-process gradient.
+    """
+    A = advantages.float().clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -A * ratio
+    clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pol = torch.maximum(unclipped, clipped)
+    if kl_beta > 0 and mean is not None and ref_mean is not None:
+        kl = ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
+    else:
+        kl = torch.zeros_like(pol)
+    mask = (advantages != 0).float()
+    n = denominator or advantages.shape[0]
+    loss = (mask * (pol + kl_beta * kl)).sum() / n
+    return LossOut(loss, pol.detach(), kl.detach(), ratio.detach())

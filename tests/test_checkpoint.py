@@ -1,0 +1,64 @@
+"""Atomic, pickle-free checkpoints."""
+import json
+
+import pytest
+import torch
+
+from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, resolve_resume,
+                                  save_checkpoint)
+
+
+def _state(v=1.0):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    return {"epoch": 3, "w": torch.full((2, 2), v), "opt": opt.state_dict(), "tup": (1, 2.5), "none": None,
+            "nested": [{"a": torch.arange(3)}, "x"]}
+
+
+def test_roundtrip_exact(tmp_path):
+    st = _state()
+    path = save_checkpoint(tmp_path, 3, st)
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and back["tup"] == (1, 2.5) and back["none"] is None
+    assert torch.equal(back["w"], st["w"]) and torch.equal(back["nested"][0]["a"], torch.arange(3))
+    assert set(back["opt"]["state"]) == {0}  # integer keys restored, so torch can load it
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    opt.load_state_dict(back["opt"])
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], st["opt"]["state"][0]["exp_avg"])
+
+
+def test_latest_rotation_and_failed_write_leaves_old_intact(tmp_path):
+    for e in (1, 2, 3):
+        save_checkpoint(tmp_path, e, _state(e), keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-000002", "checkpoint-000003"]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-000003"
+
+    def boom(tmp):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 3, _state(99), write_extra=boom)
+    # the earlier checkpoint 3 is untouched and no temp folder is left behind
+    assert float(load_checkpoint(tmp_path / "checkpoint-000003")["w"][0, 0]) == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_resume("latest", tmp_path)
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
+    path = save_checkpoint(tmp_path, 1, _state())
+    (path / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    (path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_no_pickle_in_checkpoint(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _state())
+    assert sorted(p.name for p in path.iterdir()) == ["state.json", "state.safetensors"]
+    json.loads((path / "state.json").read_text())
