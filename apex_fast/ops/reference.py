@@ -155,3 +155,72 @@ def dual_stage_advantages(
     stats = dict(inverse=inverse, count=count, mean=mean, std=std, combined=s, batch_mean=bmean,
                  batch_std=bstd, clip_frac=(A.abs() >= clip).float().mean())
     return A, Ahat, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient-conflict ops (SPEC 5). J is a [K, P] tensor or a list of per-parameter tensors [K, ...]:
+# the references below never concatenate the list either.
+
+
+def _blocks(J) -> list[torch.Tensor]:
+    if isinstance(J, torch.Tensor):
+        return [J.reshape(J.shape[0], -1)]
+    return [j.reshape(j.shape[0], -1) for j in J]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram(J) -> torch.Tensor:
+    """M = J J^T [K, K] (float32; float64 for float64 J), summed over the per-parameter blocks."""
+    blocks = _blocks(J)
+    acc = _acc_dtype(blocks[0].dtype)
+    K = blocks[0].shape[0]
+    M = torch.zeros(K, K, dtype=acc, device=blocks[0].device)
+    for b in blocks:
+        bf = b.to(acc)
+        M += bf @ bf.T
+    return M
+
+
+def cosine_from_gram(M: torch.Tensor) -> torch.Tensor:
+    """C = M / sqrt(diag M diag M^T); rows/columns of zero-norm gradients are 0 (diagonal too)."""
+    d = M.diagonal().clamp_min(0).sqrt()
+    outer = d[:, None] * d[None, :]
+    C = torch.where(outer > 0, M / torch.where(outer > 0, outer, torch.ones_like(outer)), torch.zeros_like(M))
+    return C.clamp(-1, 1)
+
+
+def cosine(J) -> torch.Tensor:
+    """Pairwise cosine similarities of the K gradients [K, K] (SPEC 5)."""
+    return cosine_from_gram(gram(J))
+
+
+def combine(J, c: torch.Tensor, out=None):
+    """d = c^T J. J [K, P] -> d [P]; J list of [K, ...] -> list of [...]. When ``out`` is given (a [P]
+    tensor, or a list of tensors shaped like each J_i[0], e.g. the parameters' .grad) the result is
+    written into it (overwriting) and ``out`` is returned. Accumulates in float32 (float64 for float64)."""
+    single = isinstance(J, torch.Tensor)
+    Js = [J] if single else list(J)
+    outs = None if out is None else ([out] if single else list(out))
+    res = []
+    for i, j in enumerate(Js):
+        acc = _acc_dtype(j.dtype)
+        cf = c.to(device=j.device, dtype=acc).reshape(-1, *([1] * (j.dim() - 1)))
+        d = (cf * j.to(acc)).sum(0)
+        if outs is not None:
+            outs[i].copy_(d.reshape(outs[i].shape))
+            res.append(outs[i])
+        else:
+            res.append(d.to(j.dtype))
+    return res[0] if single else res
+
+
+def weighted_grads(delta: torch.Tensor, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Per-objective weight gradients of one linear layer from ONE backward (DESIGN.md):
+    ``G[k] = delta^T diag(W[:, k]) a``. delta [M, out], a [M, in], W [M, K] -> G [K, out, in] in
+    delta's dtype (accumulated in float32; float64 for float64)."""
+    acc = _acc_dtype(delta.dtype)
+    d, x, w = delta.to(acc), a.to(acc), W.to(acc)
+    return torch.stack([d.T @ (w[:, k, None] * x) for k in range(W.shape[1])]).to(delta.dtype)
