@@ -111,15 +111,16 @@ def test_ocr_unknown_engine_and_missing_easyocr_errors():
             OcrScorer(engine="easyocr").engine
 
 
-def test_ocr_tesseract_missing_error_names_fix():
-    try:
-        import pytesseract
+def test_ocr_tesseract_missing_error_names_fix(monkeypatch):
+    import sys
 
-        pytesseract.get_tesseract_version()
-        pytest.skip("tesseract is installed here")
-    except Exception:
-        pass
-    with pytest.raises((ImportError, RuntimeError), match="apt-get install tesseract-ocr"):
+    monkeypatch.setitem(sys.modules, "pytesseract", None)  # as if not installed
+    with pytest.raises(ImportError, match="apt-get install tesseract-ocr && pip install pytesseract"):
+        OcrScorer(engine="tesseract").engine
+    monkeypatch.undo()
+    pytesseract = pytest.importorskip("pytesseract")
+    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
+    with pytest.raises(RuntimeError, match="apt-get install tesseract-ocr"):
         OcrScorer(engine="tesseract").engine
 
 
@@ -233,3 +234,86 @@ def test_registry_unknown_name_lists_available():
         make_scorer("definitely_not_a_reward")
     msg = str(ei.value)
     assert "definitely_not_a_reward" in msg and "colorfulness" in msg and "ocr" in msg
+
+
+# ------------------------------------------------------------------ failures, timeouts, async
+
+
+class _Flaky:
+    """Raises on the calls listed in ``fail_on`` (0-based), else returns ones."""
+
+    def __init__(self, name="flaky", fail_on=()):
+        self.name, self.fail_on, self.calls = name, set(fail_on), 0
+
+    def __call__(self, images, prompts, metadata):
+        i, self.calls = self.calls, self.calls + 1
+        if i in self.fail_on:
+            raise RuntimeError(f"failure {i}")
+        return torch.ones(len(prompts))
+
+
+def test_failure_tracker_raises_after_consecutive_whole_batch_failures():
+    from apex_fast.rewards import RewardFailureError, RewardFailureTracker
+
+    imgs = _noise(2, 8)
+    tr = RewardFailureTracker(max_consecutive=3)
+    flaky = _Flaky(fail_on={0, 1, 3, 4, 5})
+    ok = make_scorer("contrast")
+    score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)  # fail 1
+    score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)  # fail 2
+    score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)  # success resets the streak
+    assert tr.streak["flaky"] == 0 and tr.failed_batches["flaky"] == 2 and tr.nan_samples["flaky"] == 4
+    score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)
+    score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)
+    with pytest.raises(RewardFailureError, match=r"'flaky' failed for 3 whole batches in a row.*failure 5"):
+        score_all([flaky, ok], imgs, ["a", "b"], None, tracker=tr)
+    assert tr.stats()["contrast"] == {"batches": 6, "failed_batches": 0, "nan_samples": 0, "streak": 0}
+
+
+def test_failure_tracker_all_nan_option():
+    from apex_fast.rewards import RewardFailureTracker
+
+    ocr = make_scorer("ocr", engine=lambda im: [])
+    tr = RewardFailureTracker(max_consecutive=1, all_nan_is_failure=False)
+    R = score_all([ocr], _noise(2, 8), ["no", "target"], None, tracker=tr)  # all NaN but not a failure
+    assert torch.isnan(R).all() and tr.nan_samples["ocr"] == 2
+    with pytest.raises(Exception, match="all 2 samples NaN"):
+        score_all([ocr], _noise(2, 8), ["no", "target"], None, tracker=RewardFailureTracker(max_consecutive=1))
+
+
+def test_score_all_timeout_gives_nan():
+    import time
+
+    class Slow:
+        name = "slow"
+
+        def __call__(self, images, prompts, metadata):
+            time.sleep(2.0)
+            return torch.ones(len(prompts))
+
+    errors, timings = {}, {}
+    t0 = time.perf_counter()
+    R = score_all([Slow(), make_scorer("contrast")], _noise(2, 8), ["a", "b"], None, timings,
+                  timeout_s={"slow": 0.2}, errors=errors)
+    assert time.perf_counter() - t0 < 1.5
+    assert torch.isnan(R[:, 0]).all() and torch.isfinite(R[:, 1]).all()
+    assert "TimeoutError" in errors["slow"] and timings["slow"] < 1.0
+
+
+def test_score_all_async_overlaps_and_keeps_order():
+    import time
+
+    from apex_fast.rewards import score_all_async
+
+    class Slow:
+        name = "slow"
+
+        def __call__(self, images, prompts, metadata):
+            time.sleep(0.3)
+            return torch.arange(len(prompts), dtype=torch.float32)
+
+    t0 = time.perf_counter()
+    f1 = score_all_async([Slow()], _noise(2, 8), ["a", "b"], None)
+    f2 = score_all_async([Slow()], _noise(3, 8), ["a", "b", "c"], None)
+    assert time.perf_counter() - t0 < 0.2  # returned at once: the caller can sample meanwhile
+    assert f1.result(timeout=5).shape == (2, 1) and f2.result(timeout=5)[:, 0].tolist() == [0.0, 1.0, 2.0]

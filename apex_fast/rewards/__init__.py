@@ -3,12 +3,24 @@
 Heavy dependencies (onnxruntime/rapidocr, transformers models) are imported lazily, when a scorer
 first runs, not here.
 """
-from .base import Scorer, available_scorers, make_scorer, register_scorer, score_all, to_uint8_hwc
+from .base import (
+    RewardFailureError,
+    RewardFailureTracker,
+    Scorer,
+    available_scorers,
+    make_scorer,
+    register_scorer,
+    score_all,
+    score_all_async,
+    to_uint8_hwc,
+)
 from . import simple as _simple  # noqa: F401  registers jpeg_*, colorfulness, contrast
 from . import ocr as _ocr  # noqa: F401  registers ocr
+from . import models as _models  # noqa: F401  registers pickscore, aesthetic, deqa (transformers imported lazily)
+from .models import RewardModelLoadError
 from .ocr import extract_target, ocr_score
 
 __all__ = [
-    "Scorer", "available_scorers", "make_scorer", "register_scorer", "score_all", "to_uint8_hwc",
-    "extract_target", "ocr_score",
+    "Scorer", "available_scorers", "make_scorer", "register_scorer", "score_all", "score_all_async", "to_uint8_hwc",
+    "RewardFailureError", "RewardFailureTracker", "RewardModelLoadError", "extract_target", "ocr_score",
 ]
