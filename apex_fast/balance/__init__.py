@@ -1,10 +1,19 @@
-"""How K objectives become one update. Public API: make_balancer, the Balancer classes and the
-Gram-form aggregators (see README)."""
-from .base import Balancer, hijack_share, make_balancer, register_balancer
+"""How K objectives become one update. Public API: make_balancer, the Balancer classes (APEX, the
+scalarization baselines, the Gram-form gradient aggregators) and the aggregator functions (see
+README and docs/SPEC.md sections 3-5)."""
+from .aggregators import cagrad_coefficients, mgda_coefficients, pcgrad_coefficients, upgrad_coefficients
+from .apex import APEX
+from .base import Balancer, effective_share, hijack_share, make_balancer, register_balancer
 from .config import METHODS, BalanceConfig
+from .gradient import (CAGradBalancer, GramAggregatorBalancer, MGDABalancer, PCGradBalancer,
+                       UPGradBalancer)
+from .priorities import conflict_from_gram, conflict_proxy, gram_cosines
 from .scalarization import NormalizeThenSumBalancer, StaticBalancer
 
 __all__ = [
-    "Balancer", "BalanceConfig", "METHODS", "StaticBalancer", "NormalizeThenSumBalancer",
-    "hijack_share", "make_balancer", "register_balancer",
+    "APEX", "Balancer", "BalanceConfig", "METHODS", "StaticBalancer", "NormalizeThenSumBalancer",
+    "GramAggregatorBalancer", "PCGradBalancer", "MGDABalancer", "CAGradBalancer", "UPGradBalancer",
+    "cagrad_coefficients", "mgda_coefficients", "pcgrad_coefficients", "upgrad_coefficients",
+    "conflict_from_gram", "conflict_proxy", "gram_cosines", "effective_share", "hijack_share",
+    "make_balancer", "register_balancer",
 ]

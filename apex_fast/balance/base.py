@@ -3,19 +3,34 @@
 A balancer sees tensors only (no models, no scorers). Trainers call, per epoch:
 
     A, stats = balancer.advantages(R, group_ids)   # R [N, K] (NaN = failed), group_ids [N]
-    ...train on A...
-    balancer.update(gram=None)                      # once per epoch, optional K x K gradient Gram
+    ...train on A...                                # balancer.objective_advantages: Ahat [N, K]
+    stats |= balancer.update(gram=None)             # once per epoch; M [K, K] if balancer.wants_gram
 
-and checkpoint ``state_dict()`` / ``load_state_dict()``.
+and checkpoint ``state_dict()`` / ``load_state_dict()`` between epochs (after ``update``).
+
+``advantages()`` is pure with respect to the balancer's state: it only caches this batch's
+statistics; ``update()`` commits them (EMAs, priorities, aggregator coefficients). So calling
+``advantages()`` again after ``update(gram)`` in the same epoch is allowed (the "same-epoch" flow of
+gradient aggregators: first call -> Ahat -> per-objective gradients -> Gram -> update(gram) -> second
+call uses the new coefficients).
+
+Every balancer logs, as flat ``{"key/<reward name>": float}`` stats: the hijack share rho_k (SPEC 3,
+with the preference weights), the effective share of each objective in the advantage actually used,
+the priorities / effective weights, the usable-group share u_k and the std floor; ``update()`` adds
+the P^3 quantities L_k, C_k, N_k (also for methods that do not use them) and, when a Gram is given,
+the per-objective gradient norms and cosine matrix (``cos/<a>/<b>``).
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Callable
 
 import torch
 
-from ..ops import group_stats
+from ..ops import group_normalize, group_stats
 from .config import BalanceConfig
+from .priorities import P3Tracker, gram_cosines
 
 
 def validate_rewards(R: torch.Tensor, group_ids: torch.Tensor, K: int) -> None:
@@ -37,12 +52,31 @@ def hijack_share(R: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor
     return share / total if total > 0 else torch.full_like(share, 1.0 / share.numel())
 
 
+def effective_share(A: torch.Tensor, Ahat: torch.Tensor) -> torch.Tensor:
+    """Which objective really drives the advantage A [N] that is trained on: corr(A, Ahat_k)^2,
+    normalised to sum 1 [K] (for uncorrelated objectives and A = sum_k b_k Ahat_k this is
+    b_k^2 / sum_j b_j^2, i.e. rho_k for the static sum). Uniform when A carries no signal."""
+    X = Ahat.double()
+    a = A.double()[:, None]
+    Xc, ac = X - X.mean(0), a - a.mean(0)
+    den = ((Xc * Xc).sum(0) * (ac * ac).sum(0)).sqrt()
+    r2 = torch.where(den > 1e-12, (Xc * ac).sum(0) / den.clamp_min(1e-300), torch.zeros_like(den)) ** 2
+    tot = r2.sum()
+    return (r2 / tot if tot > 0 else torch.full_like(r2, 1.0 / r2.numel())).float().cpu()
+
+
 class Balancer:
-    """Base class. Subclasses implement ``advantages``; stateful ones override the rest."""
+    """Base class. Subclasses implement ``advantages`` (calling ``_observe``); stateful ones extend
+    ``update``, ``state_dict`` and ``load_state_dict``.
+
+    ``Balancer(weights, cfg=None, names=None, **overrides)``: weights [K] preference weights
+    (normalised to sum 1), cfg a BalanceConfig, names the K reward names used in stats keys;
+    keyword overrides replace config fields, e.g. ``APEX([1, 1, 1, 1], kappa=0.2)``.
+    """
 
     name = "base"
 
-    def __init__(self, weights, cfg: BalanceConfig | None = None, names: list[str] | None = None):
+    def __init__(self, weights, cfg: BalanceConfig | None = None, names: list[str] | None = None, **overrides):
         w = torch.as_tensor(weights, dtype=torch.float32).flatten()
         if w.numel() == 0:
             raise ValueError("balance: at least one reward weight is needed")
@@ -52,26 +86,131 @@ class Balancer:
             raise ValueError("rewards[*].weight are all zero: give at least one reward a positive weight")
         self.weights = w / w.sum()
         self.K = w.numel()
-        self.cfg = cfg or BalanceConfig()
+        if cfg is None:
+            cfg = BalanceConfig(method=self.name if self.name in _REGISTRY else "static")
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        cfg.validate_for(self.K)
+        self.cfg = cfg
         self.names = list(names) if names is not None else [f"r{k}" for k in range(self.K)]
+        if len(self.names) != self.K:
+            raise ValueError(f"balance: {len(self.names)} reward names for {self.K} weights")
+        self.p3 = P3Tracker(self.weights, cfg)
+        self._Ahat: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------- interface
+    @property
+    def wants_gram(self) -> bool:
+        """True when update() needs the K x K Gram of the per-objective gradients (the trainer then
+        computes g_k from ``objective_advantages[:, k]`` and passes ``M = J J^T``)."""
+        return self.cfg.conflict_source == "gram"
+
+    @property
+    def objective_advantages(self) -> torch.Tensor | None:
+        """Ahat [N, K] of the last ``advantages()`` call: per-objective advantages whose policy
+        gradients g_k make the Gram (None before the first call)."""
+        return self._Ahat
 
     def advantages(self, R: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def update(self, gram: torch.Tensor | None = None) -> dict:
-        """Called once per epoch after training; returns diagnostics (may be empty)."""
+        """Once per epoch, after advantages(): commits this epoch's statistics; returns diagnostics."""
+        M = self._check_gram(gram)
+        res = self.p3.step(M, self._use_gram(M))
+        stats = {}
+        if res is None:
+            warnings.warn("balancer.update() called without a preceding advantages() call: no statistics to "
+                          "commit", stacklevel=2)
+        else:
+            stats.update(self._p3_stats(res))
+        if M is not None:
+            stats.update(self._gram_stats(M))
+        stats.update(self._after_step(res, M))
+        return stats
+
+    def _after_step(self, res: dict | None, M: torch.Tensor | None) -> dict:
+        """Subclass hook run by update() after the P^3 statistics are committed (res is None when
+        there was nothing to commit); returns extra stats."""
         return {}
 
     def state_dict(self) -> dict:
-        return {}
+        """Flat dict of tensors and python scalars (safetensors + JSON friendly, no pickle)."""
+        return {"method": self.name, "K": self.K, **self.p3.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        method = state.get("method", self.name)
+        if method != self.name:
+            raise ValueError(f"balancer state is for method {method!r}, this balancer is {self.name!r} "
+                             "(balance.method changed between runs?)")
+        if int(state.get("K", self.K)) != self.K:
+            raise ValueError(f"balancer state has K = {int(state['K'])} objectives, this run has {self.K}")
+        self.p3.load_state_dict(state)
 
-    def _common_stats(self, R, group_ids, A) -> dict:
+    # ----------------------------------------------------------------------------- helpers
+    def _vec(self, prefix: str, v) -> dict:
+        return {f"{prefix}/{n}": float(x) for n, x in zip(self.names, torch.as_tensor(v).flatten().tolist())}
+
+    def _check_gram(self, gram) -> torch.Tensor | None:
+        if gram is None:
+            if self.cfg.conflict_source == "gram" and self.p3.cache is not None:
+                raise ValueError("balance.conflict_source is 'gram' but update() got no Gram matrix: compute "
+                                 "M = J J^T of the per-objective gradients (balancer.wants_gram is True) or set "
+                                 "balance.conflict_source to auto/proxy")
+            return None
+        M = torch.as_tensor(gram).detach().to("cpu", torch.float64)
+        if M.shape != (self.K, self.K):
+            raise ValueError(f"gram must be [K, K] = [{self.K}, {self.K}], got shape {tuple(M.shape)}")
+        if not torch.isfinite(M).all():
+            raise ValueError("gram has NaN/inf entries (a per-objective gradient overflowed?)")
+        return 0.5 * (M + M.T)
+
+    def _use_gram(self, M) -> bool:
+        return M is not None and self.cfg.conflict_source != "proxy"
+
+    def _observe(self, R, group_ids, Ahat, pi, count=None, std=None, sbar=None) -> dict:
+        """Cache this batch's statistics (pure) and return the per-batch diagnostics."""
+        if count is None:
+            _, count, _, std = group_stats(R, group_ids)
+        if sbar is None:
+            sbar = self.p3.sbar_estimate(count, std)
+        floor = self._floor(sbar)
+        self.p3.observe(R, count, std, sbar, floor, Ahat, pi)
+        self._Ahat = Ahat
+        stats = self._vec("priority", pi)
+        stats.update(self._vec("usable", self.p3.cache.usable))
+        stats.update(self._vec("std_floor", floor))
+        return stats
+
+    def _floor(self, sbar: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(sbar), self.cfg.kappa * sbar, torch.zeros_like(sbar))
+
+    def _plain_Ahat(self, R, group_ids) -> torch.Tensor:
+        return group_normalize(R, group_ids, eps=self.cfg.eps)
+
+    def _common_stats(self, R, group_ids, A, Ahat=None) -> dict:
         rho = hijack_share(R, group_ids, self.weights)
-        stats = {f"hijack_share/{n}": float(v) for n, v in zip(self.names, rho)}
+        stats = self._vec("hijack_share", rho)
+        if Ahat is not None:
+            stats.update(self._vec("effective_share", effective_share(A, Ahat)))
         stats["zero_adv_ratio"] = float((A == 0).float().mean())
+        stats["adv_clip_frac"] = float((A.abs() >= self.cfg.adv_clip).float().mean())
+        return stats
+
+    def _p3_stats(self, res: dict) -> dict:
+        stats = {}
+        for key in ("L", "C", "N", "v", "conflict_cos"):
+            stats.update(self._vec(key, res[key]))
+        stats["conflict_from_gram"] = float(res["from_gram"]) if "from_gram" in res else 0.0
+        stats["balance_epoch"] = float(self.p3.epoch)
+        return stats
+
+    def _gram_stats(self, M: torch.Tensor) -> dict:
+        stats = self._vec("grad_norm", M.diagonal().clamp_min(0).sqrt())
+        C = gram_cosines(M)
+        for i in range(self.K):
+            for j in range(i + 1, self.K):
+                stats[f"cos/{self.names[i]}/{self.names[j]}"] = float(C[i, j])
         return stats
 
 

@@ -1,23 +1,96 @@
 """Hyperparameters of every balancing method (docs/SPEC.md sections 3-5), with SPEC's defaults.
-The top-level run config embeds this dataclass as ``balance``."""
+The top-level run config embeds this dataclass as ``balance``; every error names the field as
+``balance.<field>``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 METHODS = ("static", "gdpo", "apex", "pcgrad", "mgda", "cagrad", "upgrad")
+CONFLICT_SOURCES = ("auto", "gram", "proxy")
+WARMUP_PRIORITIES = ("uniform", "weights")
 
 
 @dataclass
 class BalanceConfig:
     method: str = "static"  # one of METHODS
     global_std: bool = False  # static: normalise by the whole-batch std (all SD3.5 configs do)
-    eps: float = 1e-4  # added to every std denominator
+    eps: float = 1e-4  # added to every std denominator (and inside the logs of P^3)
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
 
+    # --- APEX Dual-Stage Adaptive Normalization (SPEC 3) ---
+    kappa: float = 0.1  # std floor = kappa * sbar_k (0 disables the floor)
+    beta_s: float = 0.9  # EMA of sbar_k, the median in-group std of objective k
+
+    # --- P^3 adaptive priorities (SPEC 4) ---
+    beta_fast: float = 0.7  # fast EMA of the batch-mean reward rbar_k (also the EMA of progress need)
+    beta_slow: float = 0.95  # slow EMA of rbar_k
+    beta_conflict: float = 0.7  # EMA of the conflict penalty C_k [design: SPEC names no value]
+    eta: float = 5.0  # learning potential L_k = u_k * sigmoid(eta * v_k)
+    delta: float = 3.0  # default target r*_k = r0_k + delta * s0_k
+    targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: r0 + delta s0
+    a_l: float = 1.0  # weight of log L_k in the score s_k
+    a_n: float = 1.0  # weight of log N_k
+    lam: float = 2.0  # lambda, weight of the conflict penalty C_k
+    temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
+    pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
+    rho: float = 0.8  # smoothing pi = (1 - rho) pihat + rho pi_prev
+    warmup_epochs: int = 5  # epochs with fixed priorities before P^3 starts
+    warmup_priority: str = "uniform"  # uniform (SPEC) | weights (the preference weights) during warm-up
+    conflict_source: str = "auto"  # auto: Gram when update() gets one, else proxy | gram (required) | proxy
+
+    # --- Gram-form aggregators (SPEC 5) ---
+    cagrad_alpha: float = 0.5  # CAGrad's c0 = alpha |g0|
+    pcgrad_seed: int = 0  # seed of PCGrad's random projection order (its generator is checkpointed)
+    aggregator_renorm: bool = True  # batch-renormalise Ahat @ c (direction from c, scale as APEX's stage 2)
+
     def validate(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"balance.{field} {msg}")
+
+        def number(field: str) -> float:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"balance.{field} must be a finite number, got {v!r}")
+            return float(v)
+
         if self.method not in METHODS:
             raise ValueError(f"balance.method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not self.eps > 0:
-            raise ValueError(f"balance.eps must be > 0, got {self.eps}")
-        if not self.adv_clip > 0:
-            raise ValueError(f"balance.adv_clip must be > 0, got {self.adv_clip}")
+        need(number("eps") > 0, "eps", f"must be > 0, got {self.eps}")
+        need(number("adv_clip") > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
+        need(number("kappa") >= 0, "kappa", f"must be >= 0 (0 disables the std floor), got {self.kappa}")
+        for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict"):
+            need(0 <= number(f) < 1, f, f"is an EMA decay and must be in [0, 1), got {getattr(self, f)}")
+        for f in ("eta", "delta", "a_l", "a_n", "lam", "cagrad_alpha"):
+            need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+        need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
+        need(0 <= number("pi_min") < 1, "pi_min",
+             f"must be in [0, 1) (and K * pi_min <= 1 for K objectives), got {self.pi_min}")
+        need(0 <= number("rho") <= 1, "rho", f"must be in [0, 1], got {self.rho}")
+        need(isinstance(self.warmup_epochs, int) and not isinstance(self.warmup_epochs, bool)
+             and self.warmup_epochs >= 0, "warmup_epochs", f"must be an integer >= 0, got {self.warmup_epochs!r}")
+        need(self.warmup_priority in WARMUP_PRIORITIES, "warmup_priority",
+             f"must be one of {', '.join(WARMUP_PRIORITIES)}, got {self.warmup_priority!r}")
+        need(self.conflict_source in CONFLICT_SOURCES, "conflict_source",
+             f"must be one of {', '.join(CONFLICT_SOURCES)}, got {self.conflict_source!r}")
+        need(isinstance(self.pcgrad_seed, int) and not isinstance(self.pcgrad_seed, bool), "pcgrad_seed",
+             f"must be an integer, got {self.pcgrad_seed!r}")
+        need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
+             f"must be true or false, got {self.aggregator_renorm!r}")
+        if self.targets is not None:
+            need(isinstance(self.targets, (list, tuple)), "targets",
+                 f"must be a list with one target (or null) per reward, got {self.targets!r}")
+            for i, t in enumerate(self.targets):
+                ok = t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t))
+                need(ok, f"targets[{i}]", f"must be a finite number or null, got {t!r}")
+
+    def validate_for(self, K: int) -> None:
+        """Checks that depend on the number of objectives K (called when a balancer is built)."""
+        self.validate()
+        if self.pi_min * K > 1 + 1e-12:
+            raise ValueError(f"balance.pi_min = {self.pi_min} is too large for {K} objectives: "
+                             f"K * pi_min must be <= 1 (use pi_min <= {1.0 / K:.4g})")
+        if self.targets is not None and len(self.targets) != K:
+            raise ValueError(f"balance.targets has {len(self.targets)} entries but there are {K} rewards; "
+                             "give one target (or null) per reward, in the order of `rewards`")

@@ -17,7 +17,10 @@ class StaticBalancer(Balancer):
         total = (R * self.weights.to(R.device)).sum(1)  # NaN in any column -> NaN -> excluded
         A = group_normalize(total, group_ids, global_std=self.cfg.global_std, eps=self.cfg.eps)
         A = A.clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
-        return A, self._common_stats(R, group_ids, A)
+        Ahat = self._plain_Ahat(R, group_ids)  # per-objective view, for diagnostics and the Gram
+        stats = self._common_stats(R, group_ids, A, Ahat)
+        stats.update(self._observe(R, group_ids, Ahat, self.weights))
+        return A, stats
 
 
 @register_balancer("gdpo")
@@ -33,4 +36,6 @@ class NormalizeThenSumBalancer(Balancer):
         A = (s - s.mean()) / (std + self.cfg.eps)
         A = torch.where(s == 0, torch.zeros_like(A), A)  # keep fully uninformative samples masked
         A = A.clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
-        return A, self._common_stats(R, group_ids, A)
+        stats = self._common_stats(R, group_ids, A, Ahat)
+        stats.update(self._observe(R, group_ids, Ahat, self.weights))
+        return A, stats

@@ -1,0 +1,75 @@
+"""APEX: Dual-Stage Adaptive Normalization + P^3 adaptive priorities (docs/SPEC.md sections 3-4).
+
+    from apex_fast.balance import APEX
+    bal = APEX(weights=[1, 1, 1, 1], names=["pickscore", "deqa", "aesthetic", "ocr"])
+    A, stats = bal.advantages(R, group_ids)   # R [N, K], group_ids [N] -> A [N]
+    ...train...
+    stats |= bal.update()                      # or bal.update(gram=M) with M = J J^T [K, K]
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import dual_stage_advantages, group_stats
+from .base import Balancer, register_balancer, validate_rewards
+
+
+@register_balancer("apex")
+class APEX(Balancer):
+    """Stage 1: per objective and group, ``Ahat = (R - mean) / (max(std, kappa * sbar_k) + eps)``
+    with sbar_k an EMA (beta_s) of the median in-group std (this batch included). Stage 2:
+    ``A = clip(BatchNorm(Ahat @ pi), +-adv_clip)``. Priorities pi are uniform during
+    ``warmup_epochs`` epochs, then follow P^3 (learning potential L, conflict penalty C, progress
+    need N), updated once per epoch by ``update()``.
+
+    Conflict penalty: with ``conflict_source`` auto (default) it uses the Gram passed to
+    ``update(gram=M)`` when there is one, else the advantage-correlation proxy; ``gram`` requires a
+    Gram (``wants_gram`` is then True), ``proxy`` never uses one.
+    """
+
+    def __init__(self, weights, cfg=None, names=None, **overrides):
+        super().__init__(weights, cfg, names, **overrides)
+        self.pi = self._warmup_pi()
+
+    def _warmup_pi(self) -> torch.Tensor:
+        if self.cfg.warmup_priority == "weights":
+            return self.weights.double().clone()
+        active = (self.weights > 0).double()
+        return active / active.sum()
+
+    @property
+    def priorities(self) -> torch.Tensor:
+        """The priorities pi [K] the next ``advantages()`` call uses."""
+        return self.pi.float().clone()
+
+    def advantages(self, R, group_ids):
+        validate_rewards(R, group_ids, self.K)
+        R = R.float()
+        _, count, _, std = group_stats(R, group_ids)
+        sbar = self.p3.sbar_estimate(count, std)
+        floor = self._floor(sbar)
+        A, Ahat, _ = dual_stage_advantages(
+            R, group_ids, self.pi.float().to(R.device), std_floor=floor.float().to(R.device),
+            eps=self.cfg.eps, clip=self.cfg.adv_clip)
+        stats = self._common_stats(R, group_ids, A, Ahat)
+        stats.update(self._observe(R, group_ids, Ahat, self.pi, count, std, sbar))
+        return A, stats
+
+    def _after_step(self, res, M):
+        if res is None:
+            return {}
+        if self.p3.epoch < self.cfg.warmup_epochs:
+            self.pi = self._warmup_pi()
+        else:
+            self.pi = self.p3.priorities(res["L"], res["C"], res["N"], self.pi)
+        return self._vec("priority_next", self.pi)
+
+    def state_dict(self):
+        return {**super().state_dict(), "pi": self.pi.clone()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        pi = torch.as_tensor(state["pi"], dtype=torch.float64).flatten().cpu()
+        if pi.numel() != self.K:
+            raise ValueError(f"balancer state 'pi' has {pi.numel()} values, expected K = {self.K}")
+        self.pi = pi.clone()

@@ -1,0 +1,202 @@
+"""P^3 statistics and the P^3 priority rule (docs/SPEC.md section 4).
+
+``P3Tracker`` keeps the per-objective running statistics every balancer logs (so L_k, C_k, N_k are
+visible for every method) and APEX uses to set its priorities. The flow per epoch:
+
+    observe(...)   inside Balancer.advantages(): computes and caches this batch's statistics, PURE
+                   (calling advantages() twice in one epoch does not double-count anything)
+    step(gram, pi) inside Balancer.update(): commits the cache into the EMAs, returns L, C, N
+
+State is float64 CPU tensors (NaN = "not seen yet") plus a python int epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import BalanceConfig
+
+
+def gram_cosines(M: torch.Tensor) -> torch.Tensor:
+    """Cosine matrix M_ij / sqrt(M_ii M_jj) (0 where a gradient vanishes)."""
+    d = M.diagonal().clamp_min(0).sqrt()
+    den = d[:, None] * d[None, :]
+    return torch.where(den > 0, M / den.clamp_min(1e-300), torch.zeros_like(M)).clamp(-1, 1)
+
+
+def conflict_from_gram(M: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """cos(g_k, h_k), h_k = sum_{j != k} pi_j g_j, from the Gram alone (SPEC 4):
+    g_k . h_k = (M pi)_k - pi_k M_kk,  |h_k|^2 = pi^T M pi - 2 pi_k (M pi)_k + pi_k^2 M_kk."""
+    M = M.double()
+    pi = pi.double()
+    Mpi = M @ pi
+    diag = M.diagonal()
+    num = Mpi - pi * diag
+    h2 = (pi @ Mpi) - 2 * pi * Mpi + pi * pi * diag
+    den2 = diag.clamp_min(0) * h2.clamp_min(0)
+    scale = float(diag.clamp_min(0).max()) ** 2 if diag.numel() else 0.0
+    ok = den2 > 1e-24 * max(scale, 1e-300)
+    return torch.where(ok, num / den2.clamp_min(1e-300).sqrt(), torch.zeros_like(num)).clamp(-1, 1)
+
+
+def conflict_proxy(Ahat: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of Ahat[:, k] with sum_{j != k} pi_j Ahat[:, j] over the batch [K]
+    (0 where either side has no variance)."""
+    X = Ahat.double()
+    p = pi.double().to(X.device)
+    Y = (X @ p)[:, None] - X * p  # [N, K]
+    Xc = X - X.mean(0)
+    Yc = Y - Y.mean(0)
+    num = (Xc * Yc).sum(0)
+    den = ((Xc * Xc).sum(0) * (Yc * Yc).sum(0)).sqrt()
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-300), torch.zeros_like(num)).clamp(-1, 1).cpu()
+
+
+def floor_simplex(p: torch.Tensor, pi_min: float, active: torch.Tensor) -> torch.Tensor:
+    """Raise every active entry of the distribution p to >= pi_min and renormalise the others so the
+    result still sums to 1 (repeated until no active entry is below the floor; needs K pi_min <= 1).
+    Inactive entries (preference weight 0) stay 0."""
+    p = torch.where(active, p, torch.zeros_like(p))
+    p = p / p.sum()
+    fixed = torch.zeros_like(active)
+    for _ in range(p.numel()):
+        low = active & ~fixed & (p < pi_min)
+        if not low.any():
+            break
+        fixed = fixed | low
+        free = active & ~fixed
+        p = torch.where(fixed, torch.full_like(p, pi_min), p)
+        rest = 1.0 - pi_min * float(fixed.sum())
+        mass = float(p[free].sum())
+        if free.any():
+            p = torch.where(free, p / mass * rest if mass > 0 else torch.full_like(p, rest / float(free.sum())), p)
+    return p
+
+
+@dataclass
+class Observation:
+    """This epoch's statistics (the cache between advantages() and update())."""
+
+    rbar: torch.Tensor  # [K] batch mean reward (NaN: no finite reward)
+    bstd: torch.Tensor  # [K] batch std of the rewards (population)
+    usable: torch.Tensor  # [K] u_k: share of groups whose std exceeds the floor
+    sbar: torch.Tensor  # [K] EMA of the median in-group std including this batch (NaN: none yet)
+    floor: torch.Tensor  # [K] kappa * sbar used for these advantages (0 where unknown)
+    proxy: torch.Tensor  # [K] advantage-correlation proxy cos (Pearson), with pi
+    pi: torch.Tensor  # [K] the priorities / effective weights used for these advantages
+
+
+class P3Tracker:
+    def __init__(self, weights: torch.Tensor, cfg: BalanceConfig):
+        self.K = weights.numel()
+        self.cfg = cfg
+        self.weights = weights.double().cpu()
+        nan = torch.full((self.K,), float("nan"), dtype=torch.float64)
+        self.epoch = 0  # number of update() calls so far
+        self.sbar = nan.clone()
+        self.r0 = nan.clone()
+        self.s0 = nan.clone()
+        self.ema_fast = nan.clone()
+        self.ema_slow = nan.clone()
+        self.conflict = nan.clone()
+        self.cache: Observation | None = None
+
+    # ------------------------------------------------------------------ per batch (pure)
+    def sbar_estimate(self, count: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """EMA (beta_s) of the median in-group std, including this batch [K] float64 CPU.
+        The median is over groups with >= 2 finite rewards and std > 0 (groups with no spread carry
+        no scale information; counting them would drive the floor to 0 exactly when most groups are
+        degenerate, which is what the floor is for). NaN until some group had a spread."""
+        m = torch.where((count >= 2) & (std > 0), std, torch.full_like(std, float("nan")))
+        med = torch.nanquantile(m.double(), 0.5, dim=0).cpu() if m.shape[0] else torch.full((self.K,), float("nan"))
+        med = med.double()
+        b = self.cfg.beta_s
+        prev = self.sbar
+        out = torch.where(torch.isfinite(prev), b * prev + (1 - b) * med, med)
+        return torch.where(torch.isfinite(out), out, prev)
+
+    def observe(self, R, count, std, sbar, floor, Ahat, pi) -> Observation:
+        Rf = R.double()
+        valid = torch.isfinite(Rf)
+        n = valid.sum(0)
+        x = torch.where(valid, Rf, torch.zeros_like(Rf))
+        mean = x.sum(0) / n.clamp_min(1)
+        var = torch.where(valid, (Rf - mean) ** 2, torch.zeros_like(Rf)).sum(0) / n.clamp_min(1)
+        rbar = torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+        has = count > 0  # [G, K]
+        over = has & (std.double() > floor.to(std.device, torch.float64))
+        usable = over.sum(0).double() / has.sum(0).clamp_min(1).double()
+        obs = Observation(
+            rbar=rbar.cpu(), bstd=var.sqrt().cpu(), usable=usable.cpu(), sbar=sbar.clone(),
+            floor=floor.double().cpu(), proxy=conflict_proxy(Ahat, pi), pi=pi.double().cpu().clone(),
+        )
+        self.cache = obs
+        return obs
+
+    # ------------------------------------------------------------------ per epoch (commits)
+    def step(self, gram: torch.Tensor | None, use_gram: bool) -> dict | None:
+        """Commit the cached observation. Returns dict(L, C, N, v, conflict_cos, pi_used) [K] tensors,
+        or None when nothing was observed since the last step."""
+        o = self.cache
+        if o is None:
+            return None
+        self.cache = None
+        cfg, eps = self.cfg, self.cfg.eps
+        self.sbar = o.sbar.clone()
+        fin = torch.isfinite(o.rbar)
+        # r0, s0: the first epoch with finite rewards that have a spread (an objective whose rewards are
+        # all equal at epoch 0, e.g. a sparse OCR reward, would otherwise get s0 = 0 and no scale)
+        ref = fin & (o.bstd > 0) & ~torch.isfinite(self.r0)
+        self.r0 = torch.where(ref, o.rbar, self.r0)
+        self.s0 = torch.where(ref, o.bstd, self.s0)
+        bf, bs = cfg.beta_fast, cfg.beta_slow
+        seen = torch.isfinite(self.ema_fast)
+        first = fin & ~seen
+        upd = fin & seen
+        self.ema_fast = torch.where(first, o.rbar, torch.where(upd, bf * self.ema_fast + (1 - bf) * o.rbar, self.ema_fast))
+        self.ema_slow = torch.where(first, o.rbar, torch.where(upd, bs * self.ema_slow + (1 - bs) * o.rbar, self.ema_slow))
+        init = torch.isfinite(self.r0)
+        # learning potential
+        v = torch.where(init, (self.ema_fast - self.ema_slow) / (self.s0 + eps), torch.zeros_like(self.r0))
+        L = o.usable * torch.sigmoid(cfg.eta * v)
+        # progress need
+        rstar = self.r0 + cfg.delta * self.s0
+        if cfg.targets is not None:
+            t = torch.tensor([float("nan") if x is None else float(x) for x in cfg.targets], dtype=torch.float64)
+            rstar = torch.where(torch.isfinite(t), t, rstar)
+        denom = rstar - self.r0
+        gain = self.ema_fast - self.r0
+        prog = torch.where(denom > eps, gain / denom.clamp_min(eps), torch.where(gain >= denom, 1.0, 0.0).double())
+        N = torch.where(init, 1 - prog.clamp(0, 1), torch.ones_like(prog))
+        # conflict penalty
+        cos = conflict_from_gram(gram, o.pi) if use_gram else o.proxy
+        raw = (-cos).clamp_min(0)
+        bc = cfg.beta_conflict
+        self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
+        self.epoch += 1
+        return dict(L=L, C=self.conflict.clone(), N=N, v=v, conflict_cos=cos, pi_used=o.pi, from_gram=use_gram)
+
+    def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
+        """pihat = normalize(softmax(s / T) * w), floored at pi_min, smoothed with pi_prev (SPEC 4)."""
+        cfg, eps = self.cfg, self.cfg.eps
+        s = cfg.a_l * torch.log(L + eps) + cfg.a_n * torch.log(N + eps) - cfg.lam * C
+        pihat = torch.softmax(s / cfg.temperature, 0) * self.weights
+        active = self.weights > 0
+        pihat = floor_simplex(pihat / pihat.sum(), cfg.pi_min, active)
+        return (1 - cfg.rho) * pihat + cfg.rho * pi_prev.double()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "sbar": self.sbar.clone(), "r0": self.r0.clone(), "s0": self.s0.clone(),
+                "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
+                "conflict": self.conflict.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        for k in ("sbar", "r0", "s0", "ema_fast", "ema_slow", "conflict"):
+            t = torch.as_tensor(state[k], dtype=torch.float64).flatten().cpu()
+            if t.numel() != self.K:
+                raise ValueError(f"balancer state {k!r} has {t.numel()} values, expected K = {self.K}")
+            setattr(self, k, t.clone())
+        self.cache = None
