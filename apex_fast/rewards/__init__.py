@@ -17,10 +17,13 @@ from .base import (
 from . import simple as _simple  # noqa: F401  registers jpeg_*, colorfulness, contrast
 from . import ocr as _ocr  # noqa: F401  registers ocr
 from . import models as _models  # noqa: F401  registers pickscore, aesthetic, deqa (transformers imported lazily)
+from . import remote as _remote  # noqa: F401  registers remote (client of the scoring server)
 from .models import RewardModelLoadError
+from .remote import RemoteScorer, RemoteScorerError, start_server
 from .ocr import extract_target, ocr_score
 
 __all__ = [
     "Scorer", "available_scorers", "make_scorer", "register_scorer", "score_all", "score_all_async", "to_uint8_hwc",
     "RewardFailureError", "RewardFailureTracker", "RewardModelLoadError", "extract_target", "ocr_score",
+    "RemoteScorer", "RemoteScorerError", "start_server",
 ]

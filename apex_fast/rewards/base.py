@@ -66,7 +66,7 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_scorer(name: str, **kwargs) -> Scorer:
+def make_scorer(name: str, /, **kwargs) -> Scorer:
     if name not in _REGISTRY:
         raise ValueError(f"rewards: unknown reward name {name!r}; available: {', '.join(available_scorers())}")
     scorer = _REGISTRY[name](**kwargs)
