@@ -60,7 +60,7 @@ class SampleConfig:
     group_size: int = 24  # images per prompt (G)
     prompts_per_epoch: int = 48  # groups per epoch (global, over all ranks)
     batch_size: int = 8  # images per transformer call while sampling (per rank)
-    max_sequence_length: int = 77
+    max_sequence_length: int = 128  # T5 tokens (zeros when the model has no T5 encoder)
 
 
 @dataclass

@@ -132,7 +132,7 @@ class Trainer:
         idx = torch.tensor([pos[p] for p in prompts], device=self.device)
         emb, pooled = emb[idx].float(), pooled[idx].float()
         if self.cfg.sample.guidance_scale > 1:
-            ne, npool = encode_negative(self.pipe, 1, self.device)
+            ne, npool = encode_negative(self.pipe, 1, self.device, max_sequence_length=self.cfg.sample.max_sequence_length)
             return Conditioning(emb, pooled, ne.float().expand(len(prompts), -1, -1), npool.float().expand(len(prompts), -1))
         return Conditioning(emb, pooled)
 
