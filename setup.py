@@ -27,15 +27,17 @@ def ext_modules():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("APEX_FAST_NATIVE", "1") == "1":
         cxx.append("-march=native")
+    # rpath to torch's libs so `import apex_fast._C` also works before `import torch`
+    link = ["-fopenmp", "-Wl,-rpath," + os.path.join(os.path.dirname(torch.__file__), "lib")]
     srcs = ["csrc/ops.cpp"]
     cuda = (torch.version.cuda is not None and ce.CUDA_HOME is not None
             and os.environ.get("APEX_FAST_NO_CUDA") != "1")
     if cuda:
         ext = ce.CUDAExtension(
             "apex_fast._C", srcs + ["csrc/cuda_binding.cpp", "csrc/cuda/weighted_grads.cu"],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}, extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link)
     else:
-        ext = ce.CppExtension("apex_fast._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = ce.CppExtension("apex_fast._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuildExt(ce.BuildExtension):
         def build_extension(self, extension):
