@@ -25,10 +25,8 @@ class Tracker:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.csv_path is not None and self.csv_path.exists() and resume_epoch is not None:
             with self.csv_path.open() as f:  # keep the history up to the resumed epoch
-                self.rows = [
-                    {k: _num(v) for k, v in r.items() if v != ""}
-                    for r in csv.DictReader(f) if int(float(r["epoch"])) <= resume_epoch
-                ]
+                rows = [{k: _num(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+                self.rows = [{**r, "epoch": int(r["epoch"])} for r in rows if r["epoch"] <= resume_epoch]
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
