@@ -86,9 +86,13 @@ def test_json_request_nan_is_null_and_sizes_grouped(served):
     assert status == 200, out
     assert out["scores"][1] is None and out["n"] == 3
     assert out["scores"][0] == pytest.approx(float(a.mean())) and out["scores"][2] == pytest.approx(float(a.mean()))
-    # through the client: null -> NaN
-    r = RemoteScorer(served.url)(np.stack([a, a]), ["a", "b"], None)
-    assert r[0] == pytest.approx(float(a.mean())) and math.isnan(r[1])
+    # through the client, each image format: null -> NaN; raw and png are lossless
+    for fmt in ("raw", "png", "jpeg"):
+        r = RemoteScorer(served.url, image_format=fmt)(np.stack([a, a]), ["a", "b"], None)
+        assert r[0] == pytest.approx(float(a.mean()), abs=0 if fmt != "jpeg" else 5) and math.isnan(r[1])
+    raw = {"raw": base64.b64encode(b.tobytes()).decode(), "shape": list(b.shape)}
+    status, out = served.post(json.dumps({"images": [raw], "prompts": ["a"]}).encode())
+    assert status == 200 and out["scores"][0] == pytest.approx(float(b.mean()))
 
 
 def test_multipart_request(served):
@@ -118,6 +122,8 @@ def test_multipart_request(served):
     (json.dumps({"images": ["AAAA", "AAAA"], "prompts": ["a"]}).encode(), 400, "2 images but 1 prompts"),
     (json.dumps({"images": ["AAAA"], "prompts": ["a"], "metadata": [1]}).encode(), 400, "'metadata'"),
     (b"x" * 60000, 413, "over the limit"),
+    (json.dumps({"images": [{"raw": "AAAA", "shape": [1, 1]}], "prompts": ["a"]}).encode(), 400, "[H, W, 3]"),
+    (json.dumps({"images": [{"raw": "AAAA", "shape": [2, 1, 3]}], "prompts": ["a"]}).encode(), 400, "needs 6"),
 ])
 def test_malformed_requests_are_refused_with_a_message(served, body, status, words):
     got, out = served.post(body)

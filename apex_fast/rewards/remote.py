@@ -60,17 +60,21 @@ class RemoteScorer:
 
     url: server base URL, e.g. "http://127.0.0.1:8765". timeout: seconds per attempt.
     retries: extra attempts after the first on connection errors/timeouts/502-504.
-    image_format: "png" (lossless, default) or "jpeg" (smaller, lossy; not for jpeg/ocr rewards).
+    image_format: "raw" (uint8 bytes, lossless, no codec cost: default, best on localhost), "png"
+    (lossless, ~1.5-3x smaller, ~30 ms encode per noisy 512 px image) or "jpeg" (smallest, lossy:
+    not for jpeg/ocr rewards).
     batch_size: images per request (None: all in one).
     """
 
     def __init__(self, url: str, timeout: float = 120.0, retries: int = 2, backoff: float = 0.5, name: str = "remote",
-                 image_format: str = "png", batch_size: int | None = None):
+                 image_format: str = "raw", batch_size: int | None = None):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
         self.name = name
+        if image_format not in ("raw", "png", "jpeg", "jpg"):
+            raise ValueError(f"remote reward: image_format must be raw, png or jpeg, got {image_format!r}")
         self.image_format = image_format
         self.batch_size = batch_size
         self._open = _opener().open
@@ -107,8 +111,13 @@ class RemoteScorer:
         return self._request("GET", "/health", timeout=timeout)
 
     def _score_chunk(self, arr: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
+        if self.image_format == "raw":
+            images = [{"raw": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii"), "shape": list(a.shape)}
+                      for a in arr]
+        else:
+            images = [base64.b64encode(encode_image(a, self.image_format)).decode("ascii") for a in arr]
         body = json.dumps({
-            "images": [base64.b64encode(encode_image(a, self.image_format)).decode("ascii") for a in arr],
+            "images": images,
             "prompts": list(prompts),
             "metadata": [dict(m or {}) for m in metadata],
         }).encode()

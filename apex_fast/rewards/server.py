@@ -6,7 +6,8 @@ GET  /health  -> 200 {"status": "ok", "scorer": NAME, "name": scorer.name, "pid"
 POST /score   -> 200 {"scores": [float | null, ...], "n": N, "elapsed_s": T}   (null = NaN)
   body, either
     application/json:     {"images": [base64 PNG/JPEG bytes, ...], "prompts": [str, ...],
-                           "metadata": [dict, ...] (optional)}
+                           "metadata": [dict, ...] (optional)}; an image may also be
+                           {"raw": base64 uint8 RGB bytes, "shape": [H, W, 3]} (no codec cost)
     multipart/form-data:  one file part named "images" per image (PNG/JPEG bytes, in order), and
                           text parts "prompts" and optionally "metadata", each a JSON list.
   A malformed request is refused with 4xx {"error": message}: 400 bad body/JSON/image, 404 unknown
@@ -50,9 +51,11 @@ class BadRequest(Exception):
         self.status = status
 
 
-def decode_image(data: bytes, i: int) -> np.ndarray:
+def decode_image(data, i: int) -> np.ndarray:
     from PIL import Image
 
+    if isinstance(data, np.ndarray):  # already decoded raw uint8 RGB
+        return data
     try:
         im = Image.open(io.BytesIO(data))
         if max(im.size) > MAX_SIDE:
@@ -72,15 +75,30 @@ def parse_json_body(body: bytes) -> tuple[list[bytes], list, list | None]:
     if not isinstance(req, dict):
         raise BadRequest(400, "JSON body must be an object with 'images', 'prompts' and optional 'metadata'")
     imgs = req.get("images")
-    if not isinstance(imgs, list) or not all(isinstance(x, str) for x in imgs):
-        raise BadRequest(400, "'images' must be a list of base64 strings (PNG or JPEG bytes)")
+    if not isinstance(imgs, list) or not all(isinstance(x, (str, dict)) for x in imgs):
+        raise BadRequest(400, "'images' must be a list of base64 strings (PNG or JPEG bytes) "
+                              "or {'raw': base64 uint8 RGB bytes, 'shape': [H, W, 3]} objects")
     raw = []
     for i, b in enumerate(imgs):
         try:
-            raw.append(base64.b64decode(b, validate=True))
-        except (binascii.Error, ValueError) as e:
+            if isinstance(b, str):
+                raw.append(base64.b64decode(b, validate=True))
+            else:
+                raw.append(_raw_image(b, i))
+        except (binascii.Error, ValueError, TypeError) as e:
             raise BadRequest(400, f"image {i}: invalid base64 ({e})") from e
     return raw, req.get("prompts"), req.get("metadata")
+
+
+def _raw_image(obj: dict, i: int) -> np.ndarray:
+    shape = obj.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) for v in shape)
+            or shape[2] != 3 or not (0 < shape[0] <= MAX_SIDE and 0 < shape[1] <= MAX_SIDE)):
+        raise BadRequest(400, f"image {i}: raw image needs 'shape' [H, W, 3] with 0 < H, W <= {MAX_SIDE}")
+    data = base64.b64decode(obj.get("raw", ""), validate=True)
+    if len(data) != shape[0] * shape[1] * 3:
+        raise BadRequest(400, f"image {i}: raw image has {len(data)} bytes, shape {shape} needs {shape[0] * shape[1] * 3}")
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 
 def parse_multipart_body(body: bytes, content_type: str) -> tuple[list[bytes], list, list | None]:
