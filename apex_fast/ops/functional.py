@@ -43,7 +43,7 @@ def _rewards(R, group_ids, *, need_2d: bool):
                          f"{tuple(group_ids.shape)}")
     if group_ids.device != R.device:
         raise ValueError(f"group_ids is on {group_ids.device} but R on {R.device}")
-    R2 = R.reshape(R.shape[0], -1)
+    R2 = R.reshape(R.shape[0], R.shape[1] if R.dim() == 2 else 1)
     if R2.numel() > _INT32_MAX:
         raise ValueError(f"R has {R2.numel()} entries; the kernels index rewards with int32 (max {_INT32_MAX})")
     # rewards and ids are tiny: make them contiguous / int64 here instead of failing

@@ -65,7 +65,7 @@ def group_normalize(
     """
     _check_rewards(R, group_ids)
     squeeze = R.dim() == 1
-    R2 = R.reshape(R.shape[0], -1)
+    R2 = R.reshape(R.shape[0], R.shape[1] if R.dim() == 2 else 1)
     if R2.shape[0] == 0:
         return torch.zeros(R.shape, dtype=torch.float32, device=R.device)
     inverse, count, mean, std = group_stats(R2, group_ids)
