@@ -170,12 +170,11 @@ GroupStats group_stats(const float* x, const Dense& d, int64_t N, int64_t K) {
     const int64_t g = d.gid[i] * K;
     for (int64_t k = 0; k < K; ++k) {
       const float v = x[i * K + k];
-      if (std::isfinite(v)) {
-        s.cnt[g + k] += 1.0;
-        s.mean[g + k] += v;
-        mx[g + k] = std::max(mx[g + k], v);
-        mn[g + k] = std::min(mn[g + k], v);
-      }
+      const bool f = std::isfinite(v);
+      s.cnt[g + k] += f ? 1.0 : 0.0;
+      s.mean[g + k] += f ? v : 0.f;
+      mx[g + k] = f ? std::max(mx[g + k], v) : mx[g + k];
+      mn[g + k] = f ? std::min(mn[g + k], v) : mn[g + k];
     }
   }
   for (int64_t j = 0; j < GK; ++j) s.mean[j] /= std::max(s.cnt[j], 1.0);
@@ -183,10 +182,8 @@ GroupStats group_stats(const float* x, const Dense& d, int64_t N, int64_t K) {
     const int64_t g = d.gid[i] * K;
     for (int64_t k = 0; k < K; ++k) {
       const float v = x[i * K + k];
-      if (std::isfinite(v)) {
-        const double dv = v - s.mean[g + k];
-        s.std[g + k] += dv * dv;
-      }
+      const double dv = std::isfinite(v) ? v - s.mean[g + k] : 0.0;
+      s.std[g + k] += dv * dv;
     }
   }
   for (int64_t j = 0; j < GK; ++j) {
@@ -250,15 +247,24 @@ Tensor group_normalize_cpu(const Tensor& R, const Tensor& ids, bool global_std, 
         if (std::isfinite(x[i * K + k])) { const double dv = x[i * K + k] - m[k]; gstd[k] += dv * dv; }
     for (int64_t k = 0; k < K; ++k) gstd[k] = std::sqrt(gstd[k] / std::max(c[k], 1.0));
   }
+  // per (group, column): mean and 1 / (denominator + eps), 0 for dead (zero-variance) groups, so the
+  // per-element work is one subtract and one multiply
+  const int64_t GK = d.G * K;
+  std::vector<float> mu(GK), inv(GK);
+  for (int64_t j = 0; j < GK; ++j) {
+    const int64_t k = j % K;
+    double den = global_std ? gstd[k] : s.std[j];
+    if (has_floor) den = std::max(den, fl[k]);
+    mu[j] = static_cast<float>(s.mean[j]);
+    inv[j] = s.std[j] > 0 ? static_cast<float>(1.0 / (den + eps)) : 0.f;
+  }
   float* a = A.data_ptr<float>();
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = d.gid[i] * K;
     for (int64_t k = 0; k < K; ++k) {
       const float v = x[i * K + k];
-      const double sd = s.std[g + k];
-      double den = global_std ? gstd[k] : sd;
-      if (has_floor) den = std::max(den, fl[k]);
-      a[i * K + k] = (std::isfinite(v) && sd > 0) ? static_cast<float>((v - s.mean[g + k]) / (den + eps)) : 0.f;
+      const float r = (v - mu[g + k]) * inv[g + k];
+      a[i * K + k] = (std::isfinite(v) && inv[g + k] != 0.f) ? r : 0.f;
     }
   }
   return A;
@@ -291,6 +297,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_
     mean.data_ptr<float>()[j] = static_cast<float>(s.mean[j]);
     stdt.data_ptr<float>()[j] = static_cast<float>(s.std[j]);
   }
+  std::vector<float> mu(G * K), rinv(G * K);
+  for (int64_t j = 0; j < G * K; ++j) {
+    mu[j] = static_cast<float>(s.mean[j]);
+    rinv[j] = s.std[j] > 0 ? static_cast<float>(1.0 / (std::max(s.std[j], fl[j % K]) + eps)) : 0.f;
+  }
   double sum = 0.0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = d.gid[i] * K;
@@ -298,9 +309,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_
     float si = 0.f;
     for (int64_t k = 0; k < K; ++k) {
       const float v = x[i * K + k];
-      const double sd = s.std[g + k];
-      const double den = std::max(sd, fl[k]);
-      const float a = (std::isfinite(v) && sd > 0) ? static_cast<float>((v - s.mean[g + k]) / (den + eps)) : 0.f;
+      const float r = (v - mu[g + k]) * rinv[g + k];
+      const float a = (std::isfinite(v) && rinv[g + k] != 0.f) ? r : 0.f;
       ah[i * K + k] = a;
       si += a * w[k];
     }

@@ -49,15 +49,19 @@ def cpp_error() -> str | None:
 
 def cpp_has(op: str, device: torch.device) -> bool:
     """Whether the built extension has a kernel for ``op`` on ``device``'s dispatch key."""
-    if cpp_ops() is None:
-        return False
+    ck = ("has", op, device.type)
+    hit = _cache.get(ck)
+    if hit is not None:
+        return hit  # type: ignore[return-value]
+    res = False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"apex_fast::{op}", key)
-    except RuntimeError:
-        return False
+    if cpp_ops() is not None and key is not None:
+        try:
+            res = torch._C._dispatch_has_kernel_for_dispatch_key(f"apex_fast::{op}", key)
+        except RuntimeError:
+            res = False
+    _cache[ck] = res
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------

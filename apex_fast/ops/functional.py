@@ -1,5 +1,6 @@
 """The public ops: one function each, validating its inputs and dispatching by device
-(see _backend.choose). Outputs never require grad: these ops work on rewards and gradients."""
+(see _backend.choose). Not differentiable: they work on rewards and gradients, so inputs are
+detached and outputs never require grad."""
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -43,11 +44,18 @@ def _rewards(R, group_ids, *, need_2d: bool):
                          f"{tuple(group_ids.shape)}")
     if group_ids.device != R.device:
         raise ValueError(f"group_ids is on {group_ids.device} but R on {R.device}")
-    R2 = R.reshape(R.shape[0], R.shape[1] if R.dim() == 2 else 1)
-    if R2.numel() > _INT32_MAX:
-        raise ValueError(f"R has {R2.numel()} entries; the kernels index rewards with int32 (max {_INT32_MAX})")
+    if R.numel() > _INT32_MAX:
+        raise ValueError(f"R has {R.numel()} entries; the kernels index rewards with int32 (max {_INT32_MAX})")
+    R2 = R if R.dim() == 2 else R.unsqueeze(1)
+    if R2.requires_grad:  # rewards carry no gradient through these ops
+        R2 = R2.detach()
     # rewards and ids are tiny: make them contiguous / int64 here instead of failing
-    return R2.contiguous(), group_ids.to(torch.int64).contiguous()
+    if not R2.is_contiguous():
+        R2 = R2.contiguous()
+    ids = group_ids
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    return R2, ids
 
 
 def _floor(std_floor, K: int, device) -> torch.Tensor | None:
@@ -90,7 +98,7 @@ def _blocks(J: TensorOrList, name: str = "J") -> tuple[list[torch.Tensor], bool]
         _check_contig(nm, j)
     if K == 0:
         raise ValueError(f"{name} has K = 0 objectives")
-    return [j.reshape(K, -1) for j in Js], single
+    return [(j.detach() if j.requires_grad else j).reshape(K, -1) for j in Js], single
 
 
 def _coeffs(c, K: int, device) -> torch.Tensor:
@@ -146,15 +154,14 @@ def group_normalize(
     N, K = R2.shape
     floor = _floor(std_floor, K, R.device)
     backend = choose("group_normalize", R.device)
-    with torch.no_grad():
-        if N == 0 or K == 0 or backend == "torch":
-            return ref.group_normalize(R, group_ids, global_std=global_std, eps=eps, std_floor=floor)
-        if backend == "cpp":
-            A = cpp_ops().group_normalize(R2, ids, bool(global_std), float(eps), floor)
-        else:
-            from . import _triton
-            A = _triton.group_normalize(R2, ids, global_std, eps, floor)
-    return A.reshape(R.shape)
+    if N == 0 or K == 0 or backend == "torch":
+        A = ref.group_normalize(R2, ids, global_std=global_std, eps=eps, std_floor=floor)
+    elif backend == "cpp":
+        A = cpp_ops().group_normalize(R2, ids, bool(global_std), float(eps), floor)
+    else:
+        from . import _triton
+        A = _triton.group_normalize(R2, ids, global_std, eps, floor)
+    return A if R.dim() == 2 else A.view(R.shape)
 
 
 def dual_stage_advantages(
@@ -181,17 +188,16 @@ def dual_stage_advantages(
         raise ValueError(f"clip and eps must be > 0, got clip={clip}, eps={eps}")
     floor = _floor(std_floor, K, R.device)
     backend = choose("dual_stage_advantages", R.device)
-    with torch.no_grad():
-        if N == 0 or K == 0 or backend == "torch":
-            return ref.dual_stage_advantages(R2, ids, w, std_floor=floor, eps=eps, clip=clip)
-        if backend == "cpp":
-            A, Ahat, inv, count, mean, std, s, st = cpp_ops().dual_stage_advantages(
-                R2, ids, w, floor, float(eps), float(clip))
-            stats = dict(inverse=inv, count=count, mean=mean, std=std, combined=s, batch_mean=st[0],
-                         batch_std=st[1], clip_frac=st[2])
-            return A, Ahat, stats
-        from . import _triton
-        return _triton.dual_stage_advantages(R2, ids, w, floor, eps, clip)
+    if N == 0 or K == 0 or backend == "torch":
+        return ref.dual_stage_advantages(R2, ids, w, std_floor=floor, eps=eps, clip=clip)
+    if backend == "cpp":
+        A, Ahat, inv, count, mean, std, s, st = cpp_ops().dual_stage_advantages(
+            R2, ids, w, floor, float(eps), float(clip))
+        stats = dict(inverse=inv, count=count, mean=mean, std=std, combined=s, batch_mean=st[0],
+                     batch_std=st[1], clip_frac=st[2])
+        return A, Ahat, stats
+    from . import _triton
+    return _triton.dual_stage_advantages(R2, ids, w, floor, eps, clip)
 
 
 def gram(J: TensorOrList) -> torch.Tensor:
@@ -199,13 +205,12 @@ def gram(J: TensorOrList) -> torch.Tensor:
     [K, ...] (never concatenated). float32 (float64 for float64 J), accumulated in float32 or wider."""
     blocks, _ = _blocks(J)
     backend = choose("gram", blocks[0].device)
-    with torch.no_grad():
-        if backend == "cpp":
-            return cpp_ops().gram(blocks)
-        if backend == "triton":
-            from . import _triton
-            return _triton.gram(blocks)
-        return ref.gram(blocks)
+    if backend == "cpp":
+        return cpp_ops().gram(blocks)
+    if backend == "triton":
+        from . import _triton
+        return _triton.gram(blocks)
+    return ref.gram(blocks)
 
 
 def cosine(J: TensorOrList) -> torch.Tensor:
@@ -253,7 +258,8 @@ def weighted_grads(delta: torch.Tensor, a: torch.Tensor, W: torch.Tensor) -> tor
     for nm, t in (("delta", delta), ("a", a), ("W", W)):
         _check_contig(nm, t)
     backend = choose("weighted_grads", delta.device, has_triton=False)
-    with torch.no_grad():
-        if backend == "cpp":
-            return cpp_ops().weighted_grads(delta, a, W)
-        return ref.weighted_grads(delta, a, W)
+    if delta.requires_grad or a.requires_grad or W.requires_grad:
+        delta, a, W = delta.detach(), a.detach(), W.detach()
+    if backend == "cpp":
+        return cpp_ops().weighted_grads(delta, a, W)
+    return ref.weighted_grads(delta, a, W)
