@@ -224,10 +224,16 @@ def test_conflict_source_gram_proxy_auto():
     assert out["proxy"]["conflict_cos/r0"] == pytest.approx(float(conflict_proxy(bal.objective_advantages,
                                                                                  torch.tensor([0.5, 0.5]))[0]))
     assert out["proxy"]["cos/r0/r1"] == pytest.approx(-0.5)  # the cosine matrix is logged whatever the source
+    # "gram" on an epoch without a Gram (trainer's gram_every > 1): C holds its last value
     bal = APEX([1, 1], conflict_source="gram")
     bal.advantages(R, gid)
-    with pytest.raises(ValueError, match="balance.conflict_source"):
-        bal.update()
+    with pytest.warns(UserWarning, match="conflict_source is 'gram'"):
+        assert bal.update()["C/r0"] == 0.0  # nothing measured yet
+    bal.advantages(R, gid)
+    assert bal.update(gram=M)["C/r0"] == pytest.approx(0.5)  # the first measurement starts the EMA
+    bal.advantages(R, gid)
+    u = bal.update()
+    assert u["C/r0"] == pytest.approx(0.5) and u["conflict_from_gram"] == 0.0 and "conflict_cos/r0" not in u
 
 
 # --------------------------------------------------------------------------- properties

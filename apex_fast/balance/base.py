@@ -97,6 +97,7 @@ class Balancer:
             raise ValueError(f"balance: {len(self.names)} reward names for {self.K} weights")
         self.p3 = P3Tracker(self.weights, cfg)
         self._Ahat: torch.Tensor | None = None
+        self._gram_seen = False
 
     # ----------------------------------------------------------------------------- interface
     @property
@@ -117,7 +118,7 @@ class Balancer:
     def update(self, gram: torch.Tensor | None = None) -> dict:
         """Once per epoch, after advantages(): commits this epoch's statistics; returns diagnostics."""
         M = self._check_gram(gram)
-        res = self.p3.step(M, self._use_gram(M))
+        res = self.p3.step(M, self._conflict_source(M))
         stats = {}
         if res is None:
             warnings.warn("balancer.update() called without a preceding advantages() call: no statistics to "
@@ -153,11 +154,8 @@ class Balancer:
 
     def _check_gram(self, gram) -> torch.Tensor | None:
         if gram is None:
-            if self.cfg.conflict_source == "gram" and self.p3.cache is not None:
-                raise ValueError("balance.conflict_source is 'gram' but update() got no Gram matrix: compute "
-                                 "M = J J^T of the per-objective gradients (balancer.wants_gram is True) or set "
-                                 "balance.conflict_source to auto/proxy")
             return None
+        self._gram_seen = True
         M = torch.as_tensor(gram).detach().to("cpu", torch.float64)
         if M.shape != (self.K, self.K):
             raise ValueError(f"gram must be [K, K] = [{self.K}, {self.K}], got shape {tuple(M.shape)}")
@@ -165,8 +163,21 @@ class Balancer:
             raise ValueError("gram has NaN/inf entries (a per-objective gradient overflowed?)")
         return 0.5 * (M + M.T)
 
-    def _use_gram(self, M) -> bool:
-        return M is not None and self.cfg.conflict_source != "proxy"
+    def _conflict_source(self, M) -> str:
+        """gram | proxy | hold (conflict_source "gram" on an epoch without a Gram, e.g. with the
+        trainer's gram_every > 1: C keeps its last value)."""
+        src = self.cfg.conflict_source
+        if src == "proxy" or (src == "auto" and M is None):
+            return "proxy"
+        if M is not None:
+            return "gram"
+        if not self._gram_seen and not getattr(self, "_hold_warned", False) and self.p3.cache is not None:
+            warnings.warn("balance.conflict_source is 'gram' but update() got no Gram matrix (none so far): the "
+                          "conflict penalty C stays 0 until one is given. Pass update(gram=M), M = J J^T of the "
+                          "per-objective gradients (balancer.wants_gram is True), or use conflict_source auto/proxy",
+                          stacklevel=3)
+            self._hold_warned = True
+        return "hold"
 
     def _observe(self, R, group_ids, Ahat, pi, count=None, std=None, sbar=None) -> dict:
         """Cache this batch's statistics (pure) and return the per-batch diagnostics."""
@@ -200,7 +211,8 @@ class Balancer:
     def _p3_stats(self, res: dict) -> dict:
         stats = {}
         for key in ("L", "C", "N", "v", "conflict_cos"):
-            stats.update(self._vec(key, res[key]))
+            if bool(torch.isfinite(res[key]).all()):  # conflict_cos is NaN when nothing was measured
+                stats.update(self._vec(key, res[key]))
         stats["conflict_from_gram"] = float(res["from_gram"]) if "from_gram" in res else 0.0
         stats["balance_epoch"] = float(self.p3.epoch)
         return stats

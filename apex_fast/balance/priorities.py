@@ -135,9 +135,11 @@ class P3Tracker:
         return obs
 
     # ------------------------------------------------------------------ per epoch (commits)
-    def step(self, gram: torch.Tensor | None, use_gram: bool) -> dict | None:
-        """Commit the cached observation. Returns dict(L, C, N, v, conflict_cos, pi_used) [K] tensors,
-        or None when nothing was observed since the last step."""
+    def step(self, gram: torch.Tensor | None, source: str) -> dict | None:
+        """Commit the cached observation; ``source``: "gram" (cosines from ``gram``), "proxy" (the
+        advantage correlation) or "hold" (no new conflict measurement: C keeps its value, 0 if none).
+        Returns dict(L, C, N, v, conflict_cos, pi_used) [K] tensors, or None when nothing was
+        observed since the last step."""
         o = self.cache
         if o is None:
             return None
@@ -170,12 +172,17 @@ class P3Tracker:
         prog = torch.where(denom > eps, gain / denom.clamp_min(eps), torch.where(gain >= denom, 1.0, 0.0).double())
         N = torch.where(init, 1 - prog.clamp(0, 1), torch.ones_like(prog))
         # conflict penalty
-        cos = conflict_from_gram(gram, o.pi) if use_gram else o.proxy
-        raw = (-cos).clamp_min(0)
-        bc = cfg.beta_conflict
-        self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
+        if source == "hold":
+            cos = torch.full_like(L, float("nan"))
+            C = torch.where(torch.isfinite(self.conflict), self.conflict, torch.zeros_like(L))
+        else:
+            cos = conflict_from_gram(gram, o.pi) if source == "gram" else o.proxy
+            raw = (-cos).clamp_min(0)
+            bc = cfg.beta_conflict
+            self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
+            C = self.conflict.clone()
         self.epoch += 1
-        return dict(L=L, C=self.conflict.clone(), N=N, v=v, conflict_cos=cos, pi_used=o.pi, from_gram=use_gram)
+        return dict(L=L, C=C, N=N, v=v, conflict_cos=cos, pi_used=o.pi, from_gram=source == "gram")
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
         """pihat = normalize(softmax(s / T) * w), floored at pi_min, smoothed with pi_prev (SPEC 4)."""
