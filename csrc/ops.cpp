@@ -21,7 +21,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -501,6 +501,50 @@ Tensor gram_cpu(at::TensorList Jl) {
   return M;
 }
 
+// dst[p] = sum_k c[k] * rows[k][p] in one pass; `stream`: non-temporal stores (outputs far larger
+// than the caches: no read-for-ownership of the destination, no eviction of the inputs)
+template <int K>
+void combine_tile(const float* const* rows, const float* c, float* dst, int64_t len, bool stream) {
+  v8f cv[K];
+  for (int k = 0; k < K; ++k) cv[k] = v8f{c[k], c[k], c[k], c[k], c[k], c[k], c[k], c[k]};
+#if defined(__AVX__)
+  stream = stream && (reinterpret_cast<uintptr_t>(dst) % 32) == 0;
+#else
+  stream = false;
+#endif
+  int64_t p = 0;
+  for (; p + 8 <= len; p += 8) {
+    v8f v = cv[0] * loadu8(rows[0] + p);
+    for (int k = 1; k < K; ++k) v += cv[k] * loadu8(rows[k] + p);
+#if defined(__AVX__)
+    if (stream) {
+      _mm256_stream_ps(dst + p, reinterpret_cast<__m256>(v));
+      continue;
+    }
+#endif
+    std::memcpy(dst + p, &v, sizeof(v));
+  }
+  for (; p < len; ++p) {
+    float t = 0.f;
+    for (int k = 0; k < K; ++k) t += c[k] * rows[k][p];
+    dst[p] = t;
+  }
+}
+
+bool combine_tile_f32(int K, const float* const* rows, const float* c, float* dst, int64_t len, bool stream) {
+  switch (K) {
+    case 1: combine_tile<1>(rows, c, dst, len, stream); return true;
+    case 2: combine_tile<2>(rows, c, dst, len, stream); return true;
+    case 3: combine_tile<3>(rows, c, dst, len, stream); return true;
+    case 4: combine_tile<4>(rows, c, dst, len, stream); return true;
+    case 5: combine_tile<5>(rows, c, dst, len, stream); return true;
+    case 6: combine_tile<6>(rows, c, dst, len, stream); return true;
+    case 7: combine_tile<7>(rows, c, dst, len, stream); return true;
+    case 8: combine_tile<8>(rows, c, dst, len, stream); return true;
+    default: return false;
+  }
+}
+
 template <typename T, typename O>
 void combine_impl(const std::vector<Tensor>& J, const std::vector<Tensor>& out, const std::vector<float>& c,
                   int64_t K, const std::vector<int64_t>& ns) {
@@ -515,15 +559,22 @@ void combine_impl(const std::vector<Tensor>& J, const std::vector<Tensor>& out, 
     base[i] = J[i].data_ptr<T>();
     obase[i] = out[i].data_ptr<O>();
   }
+  constexpr bool f32 = std::is_same<T, float>::value && std::is_same<O, float>::value;
+  const bool stream = f32 && total / K * static_cast<int64_t>(sizeof(float)) >= (int64_t(16) << 20);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     std::vector<float> acc(kChunk), row(std::is_same<T, float>::value ? 0 : kChunk);
+    std::vector<const float*> rows(K);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; ++it) {
       const WorkItem w = items[it];
       const int64_t n = ns[w.block];
       const int64_t len = std::min(kChunk, n - w.start);
       float* d = std::is_same<O, float>::value ? reinterpret_cast<float*>(obase[w.block] + w.start) : acc.data();
+      if constexpr (f32) {
+        for (int64_t k = 0; k < K; ++k) rows[k] = reinterpret_cast<const float*>(base[w.block] + k * n + w.start);
+        if (combine_tile_f32(static_cast<int>(K), rows.data(), c.data(), d, len, stream)) continue;
+      }
       for (int64_t k = 0; k < K; ++k) {
         const T* src = base[w.block] + k * n + w.start;
         const float* x;
@@ -544,6 +595,9 @@ void combine_impl(const std::vector<Tensor>& J, const std::vector<Tensor>& out, 
       }
       if (!std::is_same<O, float>::value) store_f32(d, obase[w.block] + w.start, len);
     }
+#if defined(__AVX__)
+    if (stream) _mm_sfence();
+#endif
   }
 }
 

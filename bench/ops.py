@@ -1,0 +1,567 @@
+"""Side-by-side benchmarks of the fused multi-objective ops (apex_fast.ops) against the usual ways
+of computing the same thing. Not a test: numbers go to bench/results/ops_<device>.json and a plot
+bench/results/ops_<device>.png, with the device, versions, threads, load and the command.
+
+    python -m bench ops                      # everything on CUDA if available, else CPU
+    python -m bench ops --only gram --max-log2p 24 --quick
+    python bench/ops.py --device cpu --threads 2
+
+Sections:
+  groupnorm  group-relative normalisation at Flow-GRPO sizes (N = 1152, K = 4, 48 prompts) and larger:
+             ours (apex_fast.ops.group_normalize, default dispatch) vs a per-prompt numpy loop like
+             Flow-GRPO's PerPromptStatTracker vs the vectorised torch reference vs torch.compile of it;
+             plus the APEX dual-stage op vs its reference.
+  gram       Gram + combine for K = 4, P = 2^20 .. 2^26: ours vs eager (J @ J.T, c @ J) vs
+             torch.compile vs a per-task Python loop (LibMTL style) vs torchjd (MGDA end to end, where
+             it applies); achieved GB/s against the streaming bandwidth measured in the same run, and
+             the peak extra memory of each provider. Plus J as a list of per-parameter tensors (ours
+             never concatenates; eager must torch.cat).
+  wgrad      weighted_grads (all K per-objective weight gradients of a linear layer from one
+             backward) vs K separate matmuls in eager torch, at LoRA shapes of SD3.5-Medium.
+
+Timing: each provider is warmed up, then run repeatedly; the table shows the MINIMUM (the least
+disturbed run: other jobs may share the machine, see load_avg in the JSON) and the median.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from apex_fast import ops  # noqa: E402
+from apex_fast.ops import reference as ref  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev, *, min_time=0.4, max_reps=200, min_reps=3, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    ts, cs = [], []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < min_reps or (len(ts) < max_reps and time.perf_counter() < t_end):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    # cpu_min_s: process CPU time; with one thread it excludes the time other jobs held the core
+    return {"min_s": min(ts), "median_s": float(np.median(ts)), "cpu_min_s": min(cs), "reps": len(ts)}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def peak_extra_mb(fn, dev):
+    """Peak memory allocated by one call beyond what existed before it, in MiB. CUDA: the caching
+    allocator's peak. CPU: resident set sampled every ~0.2 ms from a thread (torch releases the GIL
+    inside ops) with glibc's mmap threshold pinned low so freed buffers leave the RSS."""
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        r = fn()
+        sync(dev)
+        del r
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    stop = [False]
+    peak = [_rss()]
+
+    def sample():
+        while not stop[0]:
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0002)
+
+    base = _rss()
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    time.sleep(0.002)
+    r = fn()
+    stop[0] = True
+    th.join()
+    peak[0] = max(peak[0], _rss())
+    del r
+    return max(0.0, (peak[0] - base) / 2**20)
+
+
+def stream_bandwidth(dev, nbytes=1 << 29):
+    """Streaming bandwidth measured now: read (x.sum()) and copy (y.copy_(x), 2 x bytes), GB/s."""
+    n = nbytes // 4
+    x = torch.rand(n, device=dev)
+    y = torch.empty_like(x)
+    y.fill_(1.0)
+    rd1 = timeit(lambda: x.sum(), dev, min_time=0.5, max_reps=20, warmup=2)
+    rd2 = timeit(lambda: x.amax(), dev, min_time=0.5, max_reps=20, warmup=2)
+    rd = {"min_s": min(rd1["min_s"], rd2["min_s"]), "cpu_min_s": min(rd1["cpu_min_s"], rd2["cpu_min_s"])}
+    cp = timeit(lambda: y.copy_(x), dev, min_time=0.5, max_reps=20, warmup=2)
+    del x, y
+    return {"read_GBps": nbytes / rd["min_s"] / 1e9, "copy_GBps": 2 * nbytes / cp["min_s"] / 1e9,
+            "read_GBps_cpu_time": nbytes / max(rd["cpu_min_s"], 1e-9) / 1e9,
+            "copy_GBps_cpu_time": 2 * nbytes / max(cp["cpu_min_s"], 1e-9) / 1e9,
+            "bytes": nbytes, "threads": torch.get_num_threads(),
+            "method": "read: best of x.sum() and x.amax() over 512 MiB; copy: y.copy_(x), counted as 2 x bytes; *_cpu_time: "
+                      "bytes / process CPU time (meaningful with 1 thread on a shared machine)"}
+
+
+def device_name(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("triton", "torchjd"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:
+            v[mod] = None
+    try:
+        v["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+    except Exception:
+        v["git"] = None
+    return v
+
+
+def load_avg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _pin_malloc():
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: big buffers are returned at free
+    except OSError:
+        pass
+
+
+def _compile(fn, **kw):
+    try:
+        return torch.compile(fn, **kw)
+    except Exception as e:  # pragma: no cover - torch.compile unavailable
+        print(f"  torch.compile unavailable: {e}")
+        return None
+
+
+def _fmt_t(s):
+    return f"{s * 1e6:9.1f} us" if s < 1e-3 else f"{s * 1e3:9.2f} ms"
+
+
+# ---------------------------------------------------------------------------------------------------
+# group normalisation
+
+
+def flowgrpo_stat_tracker(prompts, rewards):
+    """Per-prompt loop as in Flow-GRPO's PerPromptStatTracker.update (grpo branch, no history)."""
+    prompts = np.array(prompts)
+    unique = np.unique(prompts)
+    advantages = np.empty_like(rewards) * 0.0
+    stats = {}
+    for prompt in unique:
+        stats[prompt] = []
+        stats[prompt].extend(rewards[prompts == prompt])
+    for prompt in unique:
+        stats[prompt] = np.stack(stats[prompt])
+        prompt_rewards = rewards[prompts == prompt]
+        mean = np.mean(stats[prompt], axis=0, keepdims=True)
+        std = np.std(stats[prompt], axis=0, keepdims=True) + 1e-4
+        advantages[prompts == prompt] = (prompt_rewards - mean) / std
+    return advantages
+
+
+def bench_groupnorm(dev, quick, out):
+    sizes = [(1152, 4, 48), (1152, 1, 48), (4608, 4, 192), (18432, 4, 768)]
+    if quick:
+        sizes = sizes[:2]
+    rows = []
+    gn_compiled = _compile(ref.group_normalize, dynamic=True)
+    for N, K, G in sizes:
+        gen = torch.Generator().manual_seed(0)
+        R = (torch.rand(N, K, generator=gen) * torch.linspace(1, 5, K)).to(dev)
+        ids = torch.randperm(N, generator=gen).remainder(G).to(dev)  # prompt index per sample
+        prompts = [f"prompt number {int(i)}" for i in ids.cpu()]
+        Rn = R.cpu().numpy().astype(np.float64)
+        want = ref.group_normalize(R, ids)
+        provs = {
+            "ours": lambda: ops.group_normalize(R, ids),
+            "torch_reference": lambda: ref.group_normalize(R, ids),
+            "numpy_per_prompt_loop": lambda: flowgrpo_stat_tracker(prompts, Rn),
+        }
+        if gn_compiled is not None:
+            provs["torch_compile"] = lambda: gn_compiled(R, ids)
+        res = {}
+        for name, fn in provs.items():
+            try:
+                t0 = time.perf_counter()
+                got = fn()
+                first = time.perf_counter() - t0
+                got = torch.as_tensor(got, dtype=torch.float32, device="cpu")
+                err = float((got - want.cpu()).abs().max())
+                res[name] = dict(timeit(fn, dev), max_abs_err_vs_reference=err, first_call_s=first)
+            except Exception as e:
+                res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        w = torch.full((K,), 1.0 / K, device=dev)
+        res["dual_stage_ours"] = dict(timeit(lambda: ops.dual_stage_advantages(R, ids, w, std_floor=0.05), dev))
+        res["dual_stage_reference"] = dict(timeit(lambda: ref.dual_stage_advantages(R, ids, w, std_floor=0.05), dev))
+        base = res["ours"]["min_s"]
+        for name, r in res.items():
+            if "min_s" in r:
+                r["ours_speedup"] = r["min_s"] / base
+        res["dual_stage_ours"]["ours_speedup"] = res["dual_stage_reference"]["min_s"] / res["dual_stage_ours"]["min_s"]
+        rows.append({"N": N, "K": K, "groups": G, "providers": res})
+        print(f"\n[groupnorm] N={N} K={K} groups={G}  (backend: {ops.choose('group_normalize', dev)})")
+        for name, r in res.items():
+            if "error" in r:
+                print(f"  {name:24s} ERROR {r['error'][:120]}")
+            else:
+                tag = "speedup vs reference" if name == "dual_stage_ours" else "x ours"
+                print(f"  {name:24s} min {_fmt_t(r['min_s'])}  median {_fmt_t(r['median_s'])}  "
+                      f"{tag} {r.get('ours_speedup', float('nan')):8.1f}")
+    out["groupnorm"] = rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# gram + combine
+
+
+def loop_gram_combine(J, c):
+    """LibMTL-style per-task loop: K(K+1)/2 dot products, then sum_k c_k g_k."""
+    K = J.shape[0]
+    M = torch.empty(K, K, device=J.device)
+    for i in range(K):
+        for j in range(i, K):
+            M[i, j] = M[j, i] = torch.dot(J[i], J[j])
+    d = c[0] * J[0]
+    for k in range(1, K):
+        d = d + c[k] * J[k]
+    return M, d
+
+
+def bench_gram(dev, quick, max_log2p, out, bw):
+    K = 4
+    logs = [20, 22, 24, 26]
+    logs = [p for p in logs if p <= max_log2p]
+    if quick:
+        logs = [p for p in logs if p <= 22]
+    try:
+        import torchjd
+        from torchjd.aggregation import MGDA, MGDAWeighting
+    except Exception:
+        torchjd = None
+    eager = lambda J, c, o: (J @ J.T, c @ J)  # noqa: E731
+    compiled = _compile(lambda J, c: (J @ J.T, c @ J))
+    rows = []
+    for lp in logs:
+        P = 1 << lp
+        gen = torch.Generator(device="cpu").manual_seed(lp)
+        J = torch.randn(K, P, generator=gen).to(dev)
+        c = torch.tensor([0.4, 0.3, 0.2, 0.1], device=dev)
+        o = torch.empty(P, device=dev)
+        o.zero_()
+        Mref = J.double() @ J.double().T
+        byt_g = K * P * 4
+        byt_c = (K + 1) * P * 4
+        provs = {
+            "ours": lambda: (ops.gram(J), ops.combine(J, c, out=o)),
+            "eager": lambda: eager(J, c, o),
+            "loop": lambda: loop_gram_combine(J, c),
+        }
+        if compiled is not None:
+            provs["torch_compile"] = lambda: compiled(J, c)
+        parts = {"ours": (lambda: ops.gram(J), lambda: ops.combine(J, c, out=o)),
+                 "eager": (lambda: J @ J.T, lambda: c @ J)}
+        res = {}
+        big = lp >= 24
+        for name, fn in provs.items():
+            try:
+                t0 = time.perf_counter()
+                M = fn()[0]
+                first = time.perf_counter() - t0
+                err = float(((M.double() - Mref).abs().max() / Mref.abs().max()).cpu())
+                r = dict(timeit(fn, dev, min_time=0.3 if big else 0.5, max_reps=10 if big else 100),
+                         rel_err_gram=err, first_call_s=first)
+                r["GBps_total"] = (byt_g + byt_c) / r["min_s"] / 1e9
+                r["peak_extra_MiB"] = peak_extra_mb(fn, dev)
+                if name in parts:
+                    tg = timeit(parts[name][0], dev, min_time=0.3, max_reps=10 if big else 100)
+                    tc = timeit(parts[name][1], dev, min_time=0.3, max_reps=10 if big else 100)
+                    r["gram"] = dict(tg, GBps=byt_g / tg["min_s"] / 1e9, frac_of_read_bw=byt_g / tg["min_s"] / 1e9 / bw["read_GBps"])
+                    r["combine"] = dict(tc, GBps=byt_c / tc["min_s"] / 1e9, frac_of_copy_bw=byt_c / tc["min_s"] / 1e9 / bw["copy_GBps"])
+                    if dev.type == "cpu" and torch.get_num_threads() == 1:
+                        r["gram"]["GBps_cpu_time"] = byt_g / max(tg["cpu_min_s"], 1e-9) / 1e9
+                        r["gram"]["frac_of_read_bw_cpu_time"] = r["gram"]["GBps_cpu_time"] / bw["read_GBps_cpu_time"]
+                        r["combine"]["GBps_cpu_time"] = byt_c / max(tc["cpu_min_s"], 1e-9) / 1e9
+                        r["combine"]["frac_of_copy_bw_cpu_time"] = r["combine"]["GBps_cpu_time"] / bw["copy_GBps_cpu_time"]
+                res[name] = r
+            except Exception as e:
+                res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if torchjd is not None:
+            try:
+                agg = MGDA()
+                wfn = MGDAWeighting()
+                res["torchjd_MGDA"] = dict(timeit(lambda: agg(J), dev, min_time=0.3, max_reps=10 if big else 50),
+                                           note="torchjd.aggregation.MGDA()(J): gram + Frank-Wolfe + combine")
+                res["ours_MGDA"] = dict(
+                    timeit(lambda: ops.combine(J, wfn(ops.gram(J)), out=o), dev, min_time=0.3, max_reps=10 if big else 50),
+                    note="ops.gram -> torchjd MGDAWeighting -> ops.combine (same weights)")
+            except Exception as e:
+                res["torchjd_MGDA"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        base = res["ours"]["min_s"]
+        for name, r in res.items():
+            if "min_s" in r and not name.endswith("MGDA"):
+                r["time_vs_ours"] = r["min_s"] / base
+        row = {"K": K, "P": P, "log2P": lp, "bytes_gram": byt_g, "bytes_combine": byt_c, "providers": res}
+        rows.append(row)
+        print(f"\n[gram+combine] K={K} P=2^{lp} fp32 (backend: {ops.choose('gram', dev)}; read BW "
+              f"{bw['read_GBps']:.1f} GB/s, copy BW {bw['copy_GBps']:.1f} GB/s)")
+        for name, r in res.items():
+            if "error" in r:
+                print(f"  {name:14s} ERROR {r['error'][:150]}")
+                continue
+            line = f"  {name:14s} total min {_fmt_t(r['min_s'])}"
+            if "time_vs_ours" in r:
+                line += f"  x ours {r['time_vs_ours']:5.2f}"
+            if "gram" in r:
+                line += (f"  | gram {r['gram']['GBps']:6.1f} GB/s ({100 * r['gram']['frac_of_read_bw']:3.0f}% read BW)"
+                         f"  combine {r['combine']['GBps']:6.1f} GB/s ({100 * r['combine']['frac_of_copy_bw']:3.0f}% copy BW)")
+                if "GBps_cpu_time" in r["gram"]:
+                    line += (f"  | by CPU time: gram {100 * r['gram']['frac_of_read_bw_cpu_time']:3.0f}%"
+                             f" combine {100 * r['combine']['frac_of_copy_bw_cpu_time']:3.0f}%")
+            if r.get("peak_extra_MiB") is not None:
+                line += f"  peak +{r['peak_extra_MiB']:.0f} MiB"
+            print(line)
+        del J, o
+    # J as a list of per-parameter tensors (LoRA-like sizes), P = 2^22 in total
+    P_list = 1 << (20 if quick else 22)
+    sizes = []
+    tot = 0
+    gen = torch.Generator().manual_seed(1)
+    while tot < P_list:
+        n = int(2 ** torch.randint(12, 17, (1,), generator=gen).item())
+        n = min(n, P_list - tot)
+        sizes.append(n)
+        tot += n
+    Js = [torch.randn(K, n, device=dev) for n in sizes]
+    c = torch.tensor([0.4, 0.3, 0.2, 0.1], device=dev)
+    outs = [torch.zeros(n, device=dev) for n in sizes]
+
+    def eager_list():
+        Jc = torch.cat(Js, 1)
+        M = Jc @ Jc.T
+        d = c @ Jc
+        for dst, piece in zip(outs, d.split(sizes)):
+            dst.copy_(piece)
+        return M
+
+    def eager_blocks():
+        M = sum(j @ j.T for j in Js)
+        for dst, j in zip(outs, Js):
+            dst.copy_(c @ j)
+        return M
+
+    lres = {}
+    for name, fn in {"ours": lambda: (ops.gram(Js), ops.combine(Js, c, out=outs))[0],
+                     "eager_cat": eager_list, "eager_per_block": eager_blocks}.items():
+        r = dict(timeit(fn, dev, min_time=0.5))
+        r["peak_extra_MiB"] = peak_extra_mb(fn, dev)
+        r["GBps_total"] = (2 * K + 1) * P_list * 4 / r["min_s"] / 1e9
+        lres[name] = r
+    print(f"\n[gram+combine, J as {len(sizes)} per-parameter tensors, P = {P_list}]")
+    for name, r in lres.items():
+        print(f"  {name:16s} min {_fmt_t(r['min_s'])}  {r['GBps_total']:6.1f} GB/s  peak +{r['peak_extra_MiB'] or 0:.0f} MiB")
+    out["gram"] = rows
+    out["gram_list"] = {"K": K, "P": P_list, "n_tensors": len(sizes), "providers": lres}
+
+
+# ---------------------------------------------------------------------------------------------------
+# weighted_grads
+
+
+def bench_wgrad(dev, quick, out):
+    # SD3.5-Medium: hidden 1536, LoRA r = 32; M = tokens in a micro-batch
+    shapes = [
+        ("lora_A [r=32, in=1536]", 4096, 32, 1536, 4),
+        ("lora_B [out=1536, r=32]", 4096, 1536, 32, 4),
+        ("dense 1536x1536", 2048, 1536, 1536, 4),
+        ("lora_A K=8", 4096, 32, 1536, 8),
+    ]
+    if quick:
+        shapes = shapes[:2]
+    rows = []
+    for label, M, O, I, K in shapes:
+        gen = torch.Generator().manual_seed(M + O)
+        d = torch.randn(M, O, generator=gen).to(dev)
+        a = torch.randn(M, I, generator=gen).to(dev)
+        W = torch.randn(M, K, generator=gen).to(dev)
+        want = ref.weighted_grads(d, a, W)
+
+        def k_matmuls():
+            return torch.stack([d.T @ (W[:, k, None] * a) for k in range(K)])
+
+        res = {}
+        for name, fn in {"ours": lambda: ops.weighted_grads(d, a, W), "eager_K_matmuls": k_matmuls,
+                         "einsum": lambda: torch.einsum("mo,mk,mi->koi", d, W, a)}.items():
+            G = fn()
+            err = float(((G - want).abs().max() / want.abs().max()).cpu())
+            r = dict(timeit(fn, dev, min_time=0.5, max_reps=30), rel_err=err)
+            r["GFLOPs"] = 2 * M * O * I * K / r["min_s"] / 1e9
+            r["peak_extra_MiB"] = peak_extra_mb(fn, dev)
+            res[name] = r
+        for r in res.values():
+            r["time_vs_ours"] = r["min_s"] / res["ours"]["min_s"]
+        rows.append({"label": label, "M": M, "out": O, "in": I, "K": K, "providers": res})
+        print(f"\n[weighted_grads] {label}: M={M} out={O} in={I} K={K} (backend: {ops.choose('weighted_grads', dev)})")
+        for name, r in res.items():
+            print(f"  {name:16s} min {_fmt_t(r['min_s'])}  {r['GFLOPs']:6.1f} GFLOP/s  x ours {r['time_vs_ours']:5.2f}"
+                  f"  peak +{r['peak_extra_MiB'] or 0:.0f} MiB")
+    out["wgrad"] = rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# plot
+
+
+def plot(out, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("groupnorm", "gram", "wgrad") if k in out]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        if key == "groupnorm":
+            provs = ["ours", "torch_reference", "torch_compile", "numpy_per_prompt_loop"]
+            labels = [f"N={r['N']}\nK={r['K']}" for r in out[key]]
+            x = np.arange(len(labels))
+            for i, p in enumerate(provs):
+                ys = [r["providers"].get(p, {}).get("min_s", np.nan) * 1e6 for r in out[key]]
+                ax.bar(x + (i - 1.5) * 0.2, ys, 0.2, label=p)
+            ax.set_yscale("log")
+            ax.set_xticks(x, labels)
+            ax.set_ylabel("time per call (us, min)")
+            ax.set_title("group normalisation")
+        elif key == "gram":
+            xs = [r["log2P"] for r in out[key]]
+            for p in ("ours", "eager", "torch_compile", "loop"):
+                ys = [r["providers"].get(p, {}).get("GBps_total", np.nan) for r in out[key]]
+                ax.plot(xs, ys, "o-", label=p)
+            bw = out["bandwidth"]
+            ax.axhline(bw["read_GBps"], color="k", ls="--", lw=1, label="read BW (measured)")
+            ax.axhline(0.6 * bw["read_GBps"], color="gray", ls=":", lw=1, label="60% read BW")
+            ax.set_xlabel("log2 P")
+            ax.set_ylabel("GB/s (gram + combine bytes / time)")
+            ax.set_title("gram + combine, K = 4, fp32")
+        else:
+            labels = [r["label"] for r in out[key]]
+            x = np.arange(len(labels))
+            for i, p in enumerate(("ours", "eager_K_matmuls", "einsum")):
+                ys = [r["providers"][p]["min_s"] * 1e3 for r in out[key]]
+                ax.bar(x + (i - 1) * 0.25, ys, 0.25, label=p)
+            ax.set_xticks(x, [lbl.replace(" ", "\n", 1) for lbl in labels], fontsize=8)
+            ax.set_ylabel("time (ms, min)")
+            ax.set_title("weighted_grads")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"apex_fast.ops on {out['device']} ({out['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", default="groupnorm,gram,wgrad", help="comma list of sections")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all)")
+    ap.add_argument("--groupnorm-threads", type=int, default=1,
+                    help="threads for the (tiny) group-norm section: 1 avoids OpenMP spin costs")
+    ap.add_argument("--max-log2p", type=int, default=26)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/ops_<device>.json)")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    _pin_malloc()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "versions": versions(),
+        "backends": ops.available_backends(),
+        "threads": threads,
+        "load_avg_start": load_avg(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "timing": "min over repeats (median also recorded); seconds",
+    }
+    print(f"device: {out['device']} | threads {threads} | load {out['load_avg_start']} | backends {out['backends']}")
+    sections = args.only.split(",")
+    out["bandwidth"] = stream_bandwidth(dev)
+    bw = out["bandwidth"]
+    print(f"streaming bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
+          f"(by CPU time: read {bw['read_GBps_cpu_time']:.1f}, copy {bw['copy_GBps_cpu_time']:.1f})")
+    if "groupnorm" in sections:
+        torch.set_num_threads(args.groupnorm_threads if dev.type == "cpu" else threads)
+        out["groupnorm_threads"] = torch.get_num_threads()
+        bench_groupnorm(dev, args.quick, out)
+        torch.set_num_threads(threads)
+    if "gram" in sections:
+        bench_gram(dev, args.quick, args.max_log2p, out, out["bandwidth"])
+    if "wgrad" in sections:
+        bench_wgrad(dev, args.quick, out)
+    out["load_avg_end"] = load_avg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) if args.out else RESULTS / f"ops_{dev.type}.json"
+    path.write_text(json.dumps(out, indent=1))
+    try:
+        plot(out, path.with_suffix(".png"))
+        print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    except Exception as e:
+        print(f"\nwrote {path} (plot failed: {e})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
