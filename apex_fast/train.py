@@ -185,13 +185,10 @@ class Trainer:
                                adv_clip=self.cfg.balance.adv_clip, mean=step.mean, ref_mean=ref_mean,
                                step_std=step.std, kl_beta=t.kl_beta, denominator=len(idx))
 
-    def train_epoch(self, batch: EpochSamples, adv: torch.Tensor, epoch: int, Ahat: torch.Tensor | None) -> dict:
+    def train_epoch(self, batch: EpochSamples, adv: torch.Tensor, epoch: int) -> dict:
         t = self.cfg.train
         self.transformer.train()
         stats = {"clipfrac": [], "approx_kl": [], "kl": [], "policy_loss": [], "grad_norm": []}
-        gram = None
-        if Ahat is not None:
-            gram = self.objective_gram(batch, Ahat)
         for inner in range(t.inner_epochs):
             g = torch.Generator().manual_seed(seed_for(t.seed, "shuffle", epoch, inner, self.rank))
             perm = torch.randperm(self.local_n, generator=g)
@@ -214,9 +211,7 @@ class Trainer:
                     with torch.no_grad():
                         for e, p in zip(self.ema, self.params):
                             e.lerp_(p.detach(), 1 - t.ema_decay)
-        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        out["_gram"] = gram
-        return out
+        return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
     def objective_gram(self, batch: EpochSamples, Ahat: torch.Tensor) -> torch.Tensor:
         """K x K Gram of the per-objective policy gradients g_k (SPEC 5), measured on the first
@@ -362,16 +357,21 @@ class Trainer:
         t2 = time.perf_counter()
         R = self.runtime.all_gather_rows(R_local)  # [N, K] global, one all-gather
         A, bstats = self.balancer.advantages(R, group_ids)
-        lo = self.rank * self.local_n
-        adv = A[lo:lo + self.local_n].to(self.device)
-        want_gram = getattr(self.balancer, "wants_gram", False) and self.cfg.train.gram_every and \
-            epoch % self.cfg.train.gram_every == 0
-        Ahat = getattr(self.balancer, "objective_advantages", None) if want_gram else None
-        if Ahat is not None:
-            Ahat = Ahat[lo:lo + self.local_n].to(self.device)
-        tstats = self.train_epoch(batch, adv, epoch, Ahat)
-        gram = tstats.pop("_gram")
-        ustats = self.balancer.update(gram=gram) or {}
+        lo, hi = self.rank * self.local_n, (self.rank + 1) * self.local_n
+        ustats = {}
+        if getattr(self.balancer, "wants_gram", False) and self.cfg.train.gram_every and \
+                epoch % self.cfg.train.gram_every == 0:
+            # SPEC 5: the Gram of this epoch's per-objective gradients, measured before the update,
+            # gives this epoch's coefficients: update(gram), then the advantages again (advantages()
+            # only stores statistics; update() commits them, once per epoch)
+            self.transformer.train()
+            Ahat = self.balancer.objective_advantages[lo:hi].to(self.device)
+            ustats = self.balancer.update(gram=self.objective_gram(batch, Ahat)) or {}
+            A, bstats = self.balancer.advantages(R, group_ids)
+            tstats = self.train_epoch(batch, A[lo:hi].to(self.device), epoch)
+        else:
+            tstats = self.train_epoch(batch, A[lo:hi].to(self.device), epoch)
+            ustats = self.balancer.update() or {}
         t3 = time.perf_counter()
 
         metrics = dict(bstats)

@@ -142,3 +142,15 @@ def test_cli_entry_points(tmp_path):
     assert "epochs: 1" in cfg
     with pytest.raises(SystemExit, match="train.lr"):
         main(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--set", "train.lr=-1"])
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "apex"])
+def test_gram_methods_get_a_measured_gram(tmp_path, method):
+    cfg = make_cfg(tmp_path, "train.epochs=1", f"balance.method={method}", "balance.conflict_source=gram")
+    Trainer(cfg).fit()
+    row = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))[1]
+    cos = float(row["cos/jpeg_compressibility/colorfulness"])
+    assert -1.0 <= cos <= 1.0 and cos != 0.0
+    assert float(row["conflict_from_gram"]) == 1.0
+    if method == "pcgrad":
+        assert float(row["gram_fallback"]) == 0.0
