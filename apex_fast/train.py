@@ -10,11 +10,9 @@ trained timestep: clipped policy loss + KL, backward -> optimizer step -> log, e
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import logging
 import math
-import os
 import random
 import sys
 import time

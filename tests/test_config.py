@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from apex_fast.config import Config, ConfigError, load_config, save_config, to_dict
+from apex_fast.config import ConfigError, load_config, save_config, to_dict
 from apex_fast.data import load_prompts
 
 BASE = """

@@ -1,6 +1,5 @@
 """End-to-end tiny training: rollouts, logs, checkpoints, exact resume, bad input."""
 import csv
-import json
 import math
 import subprocess
 import sys
