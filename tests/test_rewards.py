@@ -317,3 +317,14 @@ def test_score_all_async_overlaps_and_keeps_order():
     f2 = score_all_async([Slow()], _noise(3, 8), ["a", "b", "c"], None)
     assert time.perf_counter() - t0 < 0.2  # returned at once: the caller can sample meanwhile
     assert f1.result(timeout=5).shape == (2, 1) and f2.result(timeout=5)[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_tesseract_engine_reads_rendered_text_if_installed():
+    pytesseract = pytest.importorskip("pytesseract")
+    try:
+        pytesseract.get_tesseract_version()
+    except Exception:
+        pytest.skip("tesseract binary not installed (apt-get install tesseract-ocr)")
+    s = make_scorer("ocr", engine="tesseract")
+    r = s(render_text("HELLO", 256, 48)[None], ['"hello"'], [{}])
+    assert r.tolist() == [1.0]
