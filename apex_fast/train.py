@@ -80,12 +80,11 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         s = cfg.sample
-        total = s.prompts_per_epoch * s.group_size
-        if total % self.world:
-            raise ConfigError(
-                f"sample.prompts_per_epoch * sample.group_size = {total} must be divisible by the number of "
-                f"processes ({self.world}) so every rank samples the same number of images")
-        self.local_n = total // self.world
+        # which global samples this rank rolls out and trains on, micro-batch by micro-batch; the
+        # same global micro-batches for any number of processes (docs: dist_utils.SampleLayout)
+        self.layout = dist_utils.SampleLayout(s.prompts_per_epoch * s.group_size, cfg.train.micro_batch_size,
+                                              self.world, self.rank, seed=cfg.train.seed)
+        self.local_n = self.layout.local_n
 
         self.train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
         self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")[: cfg.eval.num_prompts]
@@ -109,7 +108,8 @@ class Trainer:
         if not self.params:
             raise ConfigError("lora: the model has no trainable parameter; check lora.target_modules")
         self.engine = dist_utils.make_engine(cfg, self.transformer, self.params, self.runtime)
-        self.ema = [p.detach().clone() for p in self.params] if cfg.train.ema else None
+        with self.engine.gathered(self.params):  # ZeRO-3: full weights on every rank inside
+            self.ema = [p.detach().clone() for p in self.params] if cfg.train.ema else None
 
         vae_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         h = m.resolution // vae_factor
@@ -148,8 +148,7 @@ class Trainer:
     @torch.no_grad()
     def rollout(self, epoch: int) -> tuple[EpochSamples, torch.Tensor]:
         chosen, group_ids = self._epoch_prompts(epoch)
-        lo = self.rank * self.local_n
-        gidx = torch.arange(lo, lo + self.local_n)
+        gidx = self.layout.rollout_indices(epoch)  # this rank's global sample indices
         prompts = [self.train_prompts[chosen[int(group_ids[i])]][0] for i in gidx]
         meta = [dict(self.train_prompts[chosen[int(group_ids[i])]][1]) for i in gidx]
         cond = self._condition(prompts)
@@ -164,17 +163,17 @@ class Trainer:
         return EpochSamples(prompts, meta, cond, ro.latents, ro.log_probs, gidx, images), group_ids
 
     # ------------------------------------------------------------------ training
-    def _step_terms(self, batch: EpochSamples, idx, j: int, train: bool = True):
+    def _step_terms(self, batch: EpochSamples, idx, j: int, train: bool = True, model=None):
         """Log-prob and mean of the stored transition j -> j+1 under the current policy."""
         x = batch.latents[idx, j]
-        v = predict_velocity(self.transformer, x, self.sigmas[j], batch.cond.index(idx),
+        v = predict_velocity(self.transformer if model is None else model, x, self.sigmas[j], batch.cond.index(idx),
                              self.cfg.sample.guidance_scale, train=train)
         return sde_step_with_logprob(v, x, self.sigmas[j], self.sigmas[j + 1], noise_level=self.cfg.sample.noise_level,
                                      sigma_max=float(self.sigmas[1]), prev_sample=batch.latents[idx, j + 1])
 
-    def _micro_loss(self, batch: EpochSamples, idx, j: int, adv: torch.Tensor):
+    def _micro_loss(self, batch: EpochSamples, idx, j: int, adv: torch.Tensor, model=None):
         t = self.cfg.train
-        step = self._step_terms(batch, idx, j)
+        step = self._step_terms(batch, idx, j, model=model)
         ref_mean = None
         if t.kl_beta > 0 and self.cfg.lora.enabled:
             with torch.no_grad(), lora_disabled(self.transformer):
@@ -188,14 +187,13 @@ class Trainer:
         self.transformer.train()
         stats = {"clipfrac": [], "approx_kl": [], "kl": [], "policy_loss": [], "grad_norm": []}
         for inner in range(t.inner_epochs):
-            g = torch.Generator().manual_seed(seed_for(t.seed, "shuffle", epoch, inner, self.rank))
-            perm = torch.randperm(self.local_n, generator=g)
-            mbs = [perm[i:i + t.micro_batch_size] for i in range(0, self.local_n, t.micro_batch_size)]
+            # local micro-batch b of every rank together = global micro-batch b (any process count)
+            mbs = self.layout.micro_batches(epoch, inner)
             bar = tqdm(mbs, desc=f"epoch {epoch} train", leave=False, disable=not (self.is_main and self.cfg.log.progress))
             for idx in bar:
                 a = adv[idx]
                 for j in range(self.num_train_steps):
-                    step, out = self._micro_loss(batch, idx, j, a)
+                    step, out = self._micro_loss(batch, idx, j, a, model=self.engine.module)
                     self.engine.backward(out.loss / self.num_train_steps)
                     with torch.no_grad():
                         lr = out.ratio.log()
@@ -206,7 +204,7 @@ class Trainer:
                 stats["grad_norm"].append(self.engine.step(t.max_grad_norm))
                 self.global_step += 1
                 if self.ema is not None and self.global_step % t.ema_every == 0:
-                    with torch.no_grad():
+                    with torch.no_grad(), self.engine.gathered(self.params):
                         for e, p in zip(self.ema, self.params):
                             e.lerp_(p.detach(), 1 - t.ema_decay)
         return {k: float(np.mean(v)) for k, v in stats.items() if v}
@@ -214,7 +212,9 @@ class Trainer:
     def objective_gram(self, batch: EpochSamples, Ahat: torch.Tensor) -> torch.Tensor:
         """K x K Gram of the per-objective policy gradients g_k (SPEC 5), measured on the first
         micro-batch at the first trained timestep before this epoch's update (ratio = 1, so the clip
-        mask is empty). Partial Grams are summed over ranks (one all-reduce of K x K values)."""
+        mask is empty). The per-objective gradients are averaged over ranks first (one all-reduce of
+        a flat buffer), so the Gram is that of the global micro-batch's gradients, as in one process
+        (an average of per-rank Grams would not be)."""
         from apex_fast.ops import gram as gram_op
 
         t = self.cfg.train
@@ -225,8 +225,7 @@ class Trainer:
             grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
             rows.append([torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, self.params)])
         J = [torch.stack([rows[k][i] for k in range(len(rows))]) for i in range(len(self.params))]
-        M = gram_op(J)
-        return self.runtime.all_reduce_sum(M) / self.world
+        return gram_op(self.runtime.all_reduce_mean_(J))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -234,14 +233,18 @@ class Trainer:
         """Mean reward per objective on the eval prompts with the ODE sampler and the EMA weights."""
         e = self.cfg.eval
         items = [(p, m) for p, m in self.eval_prompts for _ in range(e.images_per_prompt)]
-        mine = list(range(self.rank, len(items), self.world))
-        prompts = [items[i][0] for i in mine]
-        meta = [dict(items[i][1]) for i in mine]
+        n_items, per = len(items), -(-len(items) // self.world)
+        # every rank takes `per` items (indices >= n_items repeat items and are dropped after the
+        # gather): equal counts for the all-gather and for ZeRO-3, whose forwards are collectives
+        mine = list(range(self.rank, per * self.world, self.world))
+        prompts = [items[i % n_items][0] for i in mine]
+        meta = [dict(items[i % n_items][1]) for i in mine]
         backup = None
         if self.ema is not None:
-            backup = [p.detach().clone() for p in self.params]
-            for p, q in zip(self.params, self.ema):
-                p.data.copy_(q)
+            with self.engine.gathered(self.params, modify=True):
+                backup = [p.detach().clone() for p in self.params]
+                for p, q in zip(self.params, self.ema):
+                    p.data.copy_(q)
         self.transformer.eval()
         try:
             R = torch.zeros(0, len(self.scorers))
@@ -255,9 +258,11 @@ class Trainer:
                     save_image_grid(images, self.out_dir / "samples" / f"eval_epoch{epoch:05d}.png")
         finally:
             if backup is not None:
-                for p, q in zip(self.params, backup):
-                    p.data.copy_(q)
-        R = self.runtime.all_gather_rows(R)
+                with self.engine.gathered(self.params, modify=True):
+                    for p, q in zip(self.params, backup):
+                        p.data.copy_(q)
+        R = self.runtime.all_gather_rows(R)  # rank-major; item r + k*world is row r*per + k
+        R = R.view(self.world, per, -1).transpose(0, 1).reshape(per * self.world, -1)[:n_items]
         means = {n: float(torch.nanmean(R[:, k])) if R.numel() else float("nan") for k, n in enumerate(self.names)}
         self.eval_history[epoch] = means
         return means
@@ -281,15 +286,21 @@ class Trainer:
 
     def save(self) -> Path | None:
         self.runtime.barrier()
+        # engine-owned files (DeepSpeed: the ZeRO optimizer shards), written by every rank into a
+        # staging folder that rank 0 moves into the checkpoint before its atomic rename
+        engine_dir = self.engine.save_checkpoint(self.ckpt_dir / f".engine-{self.epoch:06d}")
         path = None
-        if self.is_main:
-            def write_lora(tmp):
-                if self.cfg.lora.enabled:
-                    save_lora_diffusers(self.transformer, tmp)
+        with self.engine.gathered(self.params):  # ZeRO-3: full weights for the LoRA file and the state
+            if self.is_main:
+                def write_lora(tmp):
+                    if self.cfg.lora.enabled:
+                        save_lora_diffusers(self.transformer, tmp)
+                    if engine_dir is not None:
+                        Path(engine_dir).rename(Path(tmp) / dist_utils.DS_CHECKPOINT_DIR)
 
-            path = save_checkpoint(self.ckpt_dir, self.epoch, self.state(), write_extra=write_lora,
-                                   keep=self.cfg.checkpoint.keep)
-            log.info("saved checkpoint %s", path)
+                path = save_checkpoint(self.ckpt_dir, self.epoch, self.state(), write_extra=write_lora,
+                                       keep=self.cfg.checkpoint.keep)
+                log.info("saved checkpoint %s", path)
         self.runtime.barrier()
         return path
 
@@ -300,14 +311,16 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} was written by {st['world_size']} processes but this run has {self.world}; "
                 f"resume with the same number of processes (the rollout shards and RNG streams depend on it)")
-        if self.cfg.lora.enabled:
-            load_lora_state_dict(self.transformer, st["trainable"])
-        else:
-            named = dict(self.transformer.named_parameters())
-            with torch.no_grad():
-                for n, v in st["trainable"].items():
-                    named[n].copy_(v)
+        with self.engine.gathered(self.params, modify=True):
+            if self.cfg.lora.enabled:
+                load_lora_state_dict(self.transformer, st["trainable"])
+            else:
+                named = dict(self.transformer.named_parameters())
+                with torch.no_grad():
+                    for n, v in st["trainable"].items():
+                        named[n].copy_(v)
         self.engine.load_optimizer_state(st["optimizer"])
+        self.engine.load_checkpoint(path)  # DeepSpeed: ZeRO optimizer shards + fp32 master weights
         if self.ema is not None and st.get("ema") is not None:
             for e, v in zip(self.ema, st["ema"]):
                 e.copy_(v)
@@ -353,9 +366,10 @@ class Trainer:
         timings: dict[str, float] = {}
         R_local = score_all(self.scorers, batch.images, batch.prompts, batch.metadata, timings)
         t2 = time.perf_counter()
-        R = self.runtime.all_gather_rows(R_local)  # [N, K] global, one all-gather
+        # R [N, K] and the group ids in global sample order: one all-gather over ranks
+        R, group_ids = self.runtime.gather_samples(R_local, group_ids[batch.global_index], batch.global_index)
         A, bstats = self.balancer.advantages(R, group_ids)
-        lo, hi = self.rank * self.local_n, (self.rank + 1) * self.local_n
+        mine = batch.global_index  # this rank trains on its samples' rows of the global advantages
         ustats = {}
         if getattr(self.balancer, "wants_gram", False) and self.cfg.train.gram_every and \
                 epoch % self.cfg.train.gram_every == 0:
@@ -363,12 +377,12 @@ class Trainer:
             # gives this epoch's coefficients: update(gram), then the advantages again (advantages()
             # only stores statistics; update() commits them, once per epoch)
             self.transformer.train()
-            Ahat = self.balancer.objective_advantages[lo:hi].to(self.device)
+            Ahat = self.balancer.objective_advantages[mine].to(self.device)
             ustats = self.balancer.update(gram=self.objective_gram(batch, Ahat)) or {}
             A, bstats = self.balancer.advantages(R, group_ids)
-            tstats = self.train_epoch(batch, A[lo:hi].to(self.device), epoch)
+            tstats = self.train_epoch(batch, A[mine].to(self.device), epoch)
         else:
-            tstats = self.train_epoch(batch, A[lo:hi].to(self.device), epoch)
+            tstats = self.train_epoch(batch, A[mine].to(self.device), epoch)
             ustats = self.balancer.update() or {}
         t3 = time.perf_counter()
 
@@ -394,9 +408,10 @@ class Trainer:
 
     def finish(self) -> dict:
         result = {"start": self.eval_history.get(0, {}), "end": self.eval_history.get(self.cfg.train.epochs, {})}
-        if self.is_main:
-            if self.cfg.lora.enabled:
+        with self.engine.gathered(self.params):  # ZeRO-3: a collective, the LoRA is written by rank 0
+            if self.is_main and self.cfg.lora.enabled:
                 save_lora_diffusers(self.transformer, self.out_dir / "lora")
+        if self.is_main:
             table = format_reward_table(self.names, result["start"], result["end"],
                                         title=f"eval reward per objective (ODE, {self.cfg.eval.num_steps} steps, "
                                               f"{len(self.eval_prompts)} prompts), balance.method={self.cfg.balance.method}")
@@ -452,11 +467,14 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    finally:
-        trainer.runtime.shutdown()
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+    except BaseException as e:
+        dist_utils.fail(e)  # several processes: this rank's error, exit 1 now (no barrier: it would deadlock)
+        raise
+    trainer.runtime.shutdown()  # barrier, engine, destroy_process_group: a clean exit on every rank
+    return result
 
 
 if __name__ == "__main__":
