@@ -81,6 +81,7 @@ class TrainConfig:
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates
     gram_every: int = 1  # epochs between Gram estimates for balancers that want one (0: never)
+    reward_max_failures: int = 5  # stop after a reward fails a whole batch this many times in a row (0: never)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class RewardSpec:
     name: str = ""
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the scorer
+    timeout_s: float | None = None  # a batch scoring longer than this gives NaN for the batch
 
 
 @dataclass
@@ -309,12 +311,15 @@ def _validate(c: Config) -> None:
     _require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _require(t.ema_every >= 1, "train.ema_every", f"must be >= 1, got {t.ema_every}")
     _require(t.gram_every >= 0, "train.gram_every", f"must be >= 0, got {t.gram_every}")
+    _require(t.reward_max_failures >= 0, "train.reward_max_failures", f"must be >= 0, got {t.reward_max_failures}")
     _require(len(c.rewards) > 0, "rewards", "no reward given; add e.g. `rewards: [{name: jpeg_compressibility, weight: 1.0}]`")
     names = [r.name for r in c.rewards]
     for i, r in enumerate(c.rewards):
         _require(bool(r.name), f"rewards[{i}].name", "is empty")
         _require(r.weight >= 0 and r.weight == r.weight and r.weight != float("inf"), f"rewards[{i}].weight",
                  f"must be finite and >= 0, got {r.weight}")
+    for i, r in enumerate(c.rewards):
+        _require(r.timeout_s is None or r.timeout_s > 0, f"rewards[{i}].timeout_s", f"must be > 0 or null, got {r.timeout_s}")
     _require(len(set(names)) == len(names), "rewards", f"reward names must be unique, got {names}")
     _require(sum(r.weight for r in c.rewards) > 0, "rewards[*].weight",
              "all weights are zero; give at least one reward a positive weight")
