@@ -96,9 +96,28 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_MAX = 64
 
 
+def _ref_index(blocks) -> int:
+    """The tensor whose data pointer is passed to the kernel: the first non-empty one."""
+    return next((i for i, b in enumerate(blocks) if b.numel() > 0), 0)
+
+
+def _elem_offsets(ts, r: int):
+    """Element offsets of each tensor's data relative to ts[r] (same dtype, so exact), and whether
+    they are all multiples of 16 elements."""
+    es = ts[r].element_size()
+    p0 = ts[r].data_ptr()
+    offs = []
+    for t in ts:
+        d = t.data_ptr() - p0
+        assert d % es == 0, "tensors of one dtype are element-aligned"
+        offs.append(d // es)
+    return offs, all(o % 16 == 0 for o in offs) and p0 % 16 == 0
+
+
 def _tables(blocks, outs, BLOCK: int):
-    """Device tables (base addresses, per-row sizes, chunk -> tensor, chunk -> start). They depend on
-    the addresses and sizes only, so they are cached (gradient buffers keep their addresses)."""
+    """Device tables (element offsets relative to the first tensor, per-row sizes, chunk -> tensor,
+    chunk -> start). They depend on addresses and sizes only, so they are cached (gradient buffers
+    keep their addresses)."""
     dev = blocks[0].device
     key = (dev, BLOCK, tuple((b.data_ptr(), b.shape[1]) for b in blocks),
            None if outs is None else tuple(o.data_ptr() for o in outs))
@@ -113,11 +132,17 @@ def _tables(blocks, outs, BLOCK: int):
         chunk_t += [t] * nc
         chunk_s += range(0, nc * BLOCK, BLOCK)
     T, C = len(blocks), len(chunk_t)
-    host = [b.data_ptr() for b in blocks] + ns + ([o.data_ptr() for o in outs] if outs is not None else [0] * T)
-    packed = torch.tensor(host + chunk_t + list(chunk_s), dtype=torch.int64).to(dev, non_blocking=True)
+    r = _ref_index(blocks)
+    offs, aligned = _elem_offsets(blocks, r)
+    if outs is not None:
+        ooffs, oal = _elem_offsets(outs, r)
+    else:
+        ooffs, oal = [0] * T, True
+    aligned = aligned and oal and all(n % 16 == 0 for n in ns)
+    packed = torch.tensor(offs + ns + ooffs + chunk_t + list(chunk_s), dtype=torch.int64).to(dev, non_blocking=True)
     tab, n_t, out_tab = packed[:T], packed[T:2 * T], packed[2 * T:3 * T]
     ct, cs = packed[3 * T:3 * T + C], packed[3 * T + C:]
-    res = (tab, n_t, out_tab, ct, cs, C)
+    res = (tab, n_t, out_tab, ct, cs, C, aligned)
     _TABLES[key] = res
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
@@ -139,12 +164,12 @@ def gram(blocks):
     dtype = blocks[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     BK, BLOCK, SUB_G, _ = _sizes(K)
-    tab, n_t, _, ct, cs, C = _tables(blocks, None, BLOCK)
+    tab, n_t, _, ct, cs, C, aligned = _tables(blocks, None, BLOCK)
     if C == 0:
         return torch.zeros(K, K, dtype=acc, device=blocks[0].device)
     part = torch.empty(C, BK, BK, dtype=acc, device=blocks[0].device)
-    k.gram_partial_kernel[(C,)](tab, ct, cs, n_t, part, K, DTYPE=_tl_dtype(dtype), ACC=_tl_dtype(acc),
-                                BLOCK=BLOCK, SUB=SUB_G, BLOCK_K=BK)
+    k.gram_partial_kernel[(C,)](blocks[_ref_index(blocks)], tab, ct, cs, n_t, part, K, ACC=_tl_dtype(acc),
+                                BLOCK=BLOCK, SUB=SUB_G, BLOCK_K=BK, ALIGNED=aligned)
     return part.sum(0)[:K, :K]
 
 
@@ -154,10 +179,10 @@ def combine(blocks, c, outs):
     dtype = blocks[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     BK, BLOCK, _, SUB_C = _sizes(K)
-    tab, n_t, out_tab, ct, cs, C = _tables(blocks, outs, BLOCK)
+    tab, n_t, out_tab, ct, cs, C, aligned = _tables(blocks, outs, BLOCK)
     if C == 0:
         return
     cf = c.to(device=blocks[0].device, dtype=acc).contiguous()
-    k.combine_kernel[(C,)](tab, out_tab, ct, cs, n_t, cf, K, DTYPE=_tl_dtype(dtype),
-                           OUT_DTYPE=_tl_dtype(outs[0].dtype), ACC=_tl_dtype(acc),
-                           BLOCK=BLOCK, SUB=SUB_C, BLOCK_K=BK)
+    r = _ref_index(blocks)
+    k.combine_kernel[(C,)](blocks[r], outs[r], tab, out_tab, ct, cs, n_t, cf, K, ACC=_tl_dtype(acc),
+                           BLOCK=BLOCK, SUB=SUB_C, BLOCK_K=BK, ALIGNED=aligned)
