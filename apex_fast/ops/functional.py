@@ -3,6 +3,7 @@
 detached and outputs never require grad."""
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -59,13 +60,27 @@ def _rewards(R, group_ids, *, need_2d: bool):
 
 
 def _floor(std_floor, K: int, device) -> torch.Tensor | None:
+    """std_floor (None, scalar or [K]) -> contiguous float32 [K] on ``device``. Values are checked
+    (finite, >= 0) for Python scalars and CPU tensors; CUDA tensors are not read back (no sync)."""
     if std_floor is None:
         return None
-    if isinstance(std_floor, torch.Tensor) and (std_floor.is_complex() or not std_floor.is_floating_point()):
-        raise TypeError(f"std_floor must be a float scalar or float [K] tensor, got {std_floor.dtype}")
-    f = ref._floor_vector(std_floor, K, device).contiguous()
-    if not torch.isfinite(f).all() or (f < 0).any():
-        raise ValueError(f"std_floor must be finite and >= 0, got {f.tolist()}")
+    if isinstance(std_floor, (int, float)) and not isinstance(std_floor, bool):
+        v = float(std_floor)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"std_floor must be finite and >= 0, got {v}")
+        return torch.full((K,), v, dtype=torch.float32, device=device)
+    if not isinstance(std_floor, torch.Tensor) or std_floor.is_complex() or not std_floor.is_floating_point():
+        raise TypeError(f"std_floor must be a float scalar or a float [K] tensor, got {std_floor!r:.80}")
+    f = std_floor.to(device=device, dtype=torch.float32).reshape(-1)
+    if f.numel() == 1:
+        f = f.expand(K)
+    if f.numel() != K:
+        raise ValueError(f"std_floor must be a scalar or [K={K}], got {f.numel()} values")
+    f = f.contiguous()
+    if f.device.type == "cpu":
+        vals = f.tolist()
+        if not all(math.isfinite(v) and v >= 0 for v in vals):
+            raise ValueError(f"std_floor must be finite and >= 0, got {vals}")
     return f
 
 
@@ -178,10 +193,11 @@ def dual_stage_advantages(
     Returns (A [N], Ahat [N, K], stats)."""
     R2, ids = _rewards(R, group_ids, need_2d=True)
     N, K = R2.shape
-    w = torch.as_tensor(weights, device=R.device)
+    w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
     if not w.is_floating_point():
         raise TypeError(f"weights must be float, got {w.dtype}")
-    w = w.to(torch.float32).flatten().contiguous()
+    if w.dtype != torch.float32 or w.device != R.device or w.dim() != 1 or not w.is_contiguous():
+        w = w.to(device=R.device, dtype=torch.float32).reshape(-1).contiguous()
     if w.numel() != K:
         raise ValueError(f"weights must be [K={K}], got {w.numel()} values")
     if not clip > 0 or not eps > 0:
