@@ -89,7 +89,10 @@ class Runtime:
         """Average a list of tensors over ranks in place with ONE all-reduce of a flat buffer."""
         if not self.distributed or not tensors:
             return tensors
-        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, dtype) for t in tensors])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0

@@ -207,7 +207,11 @@ class Trainer:
                     with torch.no_grad(), self.engine.gathered(self.params):
                         for e, p in zip(self.ema, self.params):
                             e.lerp_(p.detach(), 1 - t.ema_decay)
-        return {k: float(np.mean(v)) for k, v in stats.items() if v}
+        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        # each rank averaged over equally many samples of its own: the mean over ranks is the
+        # global batch's (one all-reduce), so the log does not depend on the process count
+        vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]
+        return dict(zip(out, vals.tolist()))
 
     def objective_gram(self, batch: EpochSamples, Ahat: torch.Tensor) -> torch.Tensor:
         """K x K Gram of the per-objective policy gradients g_k (SPEC 5), measured on the first
