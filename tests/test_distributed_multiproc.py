@@ -42,15 +42,17 @@ TIMEOUT = 420
 # 1 process with micro-batch 2 == 2 processes with micro-batch 1 each: the same global micro-batches
 ONE = ["train.micro_batch_size=2", f"train.epochs={EPOCHS}"]
 TWO = ["train.micro_batch_size=1", f"train.epochs={EPOCHS}"]
-# LoRA weights of 1 vs 2 processes after 4 optimizer steps: max |difference| allowed. The runs
-# differ only in float rounding (a micro-batch's gradient is one GEMM over 2 samples in one process,
-# two 1-sample GEMMs summed by the all-reduce with 2), and Adam (eps 1e-8) divides every element by
-# its own gradient size, which magnifies rounding in elements whose gradient is near 0. Measured
-# on this config: 4e-6 (1 vs 2 processes), 5e-6 between two single-process runs that differ only in
-# OMP_NUM_THREADS (1 vs 2); training moves the weights by up to 0.22. 1e-4 leaves 20x headroom
-# over that floor and is 100x below one Adam step (lr = 1e-2 per element): a different
-# micro-batch composition or a missing sample fails it.
-ATOL = 1e-4
+# LoRA weights of 1 vs 2 processes after 2 epochs (4 optimizer steps): max |difference| allowed.
+# The runs differ only in float rounding: a micro-batch's gradient is one GEMM over 2 samples in
+# one process but two 1-sample GEMMs summed by the reduction with 2 (and ZeRO steps AdamW on flat
+# shards); Adam (eps 1e-8) divides every element by its own gradient size, which magnifies
+# rounding in elements whose gradient is near 0, and later epochs sample from the rounded weights.
+# Measured on this config: 1.3e-5 (1 process vs 2 under ZeRO-2), 5e-6 (1 vs 2 with the torch
+# engine), 6e-6 between two single-process runs that differ only in OMP_NUM_THREADS (1 vs 2);
+# training moves the weights by up to 0.22, and swapping ONE sample between the two micro-batches
+# of an epoch moves the result by 0.06. 2e-4 leaves 15x headroom over the rounding and is 300x
+# below that composition error.
+ATOL = 2e-4
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -166,7 +168,7 @@ def test_one_process_matches_two_processes(zero2, tmp_path):
     moved = max(float(v.abs().max()) for v in w1.values())
     assert moved > 100 * ATOL, "training barely moved the weights: the comparison would be vacuous"
     assert max_diff(w1, w2) <= ATOL, f"1 vs 2 processes: max |dLoRA| = {max_diff(w1, w2):.3g} > {ATOL}"
-    assert max_diff(w1, after_epoch1) > 100 * ATOL  # epoch 2 changed the weights too
+    assert max_diff(w1, after_epoch1) > 10 * ATOL  # epoch 2 changed the weights too
     # the logged epoch statistics are global-batch means, equal for 1 and 2 processes
     for r1, r2 in zip(metrics(tmp_path / "one"), metrics(two)):
         for key in ("grad_norm", "reward/colorfulness/mean", "reward/jpeg_compressibility/mean",
