@@ -143,3 +143,23 @@ def test_torch_engine_step_clips_to_the_global_norm(tmp_path):
     eng.backward((p * torch.tensor([3.0, 0.0])).sum() + (q * 4.0).sum())
     assert eng.step(1.0) == pytest.approx(5.0)
     assert p.grad is None  # zeroed after the step
+
+
+@pytest.mark.parametrize("yaml_name,ds_name,gpus", [("sd35m_lora_zero2.yaml", "ds_zero2.json", 8),
+                                                   ("sd35l_full_zero3.yaml", "ds_zero3.json", 8)])
+def test_shipped_sd35_configs_are_valid_with_their_deepspeed_json(yaml_name, ds_name, gpus):
+    from pathlib import Path
+
+    from apex_fast.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / yaml_name, [f"deepspeed={root / 'configs' / ds_name}"])
+    assert cfg.model.pretrained.startswith("stabilityai/stable-diffusion-3.5-") and cfg.model.dtype == "bf16"
+    assert cfg.model.gradient_checkpointing and cfg.balance.method == "apex" and len(cfg.rewards) == 4
+    ds = deepspeed_config(cfg, world_size=gpus)
+    assert ds["gradient_clipping"] == cfg.train.max_grad_norm
+    # the epoch splits evenly over the GPUs and every GPU holds whole micro-batches
+    layout = SampleLayout(cfg.sample.prompts_per_epoch * cfg.sample.group_size, cfg.train.micro_batch_size, gpus)
+    assert layout.local_n % cfg.train.micro_batch_size == 0
+    if not cfg.lora.enabled:
+        assert ds["zero_optimization"]["stage"] == 3 and not cfg.train.ema and cfg.train.kl_beta == 0
