@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -42,6 +43,10 @@ inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 template <typename T>
 inline void load_f32(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+template <>
+inline void load_f32<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
 }
 template <>
 inline void load_f32<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
@@ -394,15 +399,30 @@ void gram_tile_f32(const float* const* rows, int K, int64_t len, double* acc) {
   }
 }
 
+// Rows whose byte stride is a multiple of 256 MiB conflict in DRAM when K of them are streamed in
+// lockstep (measured on the dev VM, 1 thread: a [4, 2^26] fp32 J was read at ~10 GB/s instead of
+// ~25; [4, 2^25] at ~15; 64 MiB, 96 MiB or 2^26 + 7184 floats were fine). Such blocks are read one
+// row at a time in 128 KiB bursts through an L2 scratch instead (~14 GB/s at 2^26; it did not help
+// at 2^25). Machine-specific: APEX_FAST_STAGE=0/1 overrides.
+inline bool aliasing_stride(int64_t bytes) {
+  static const char* env = std::getenv("APEX_FAST_STAGE");  // benchmarking override: 0 never, 1 always
+  if (env && env[0]) return env[0] == '1';
+  return bytes % (int64_t(256) << 20) == 0;
+}
+
 struct WorkItem {
   int32_t block;
   int64_t start;
 };
 
-std::vector<WorkItem> work_items(const std::vector<int64_t>& ns) {
+constexpr int64_t kStageChunk = 32768;  // staged blocks: long single-stream bursts (128 KiB per fp32 row)
+
+std::vector<WorkItem> work_items(const std::vector<int64_t>& ns, const std::vector<char>* stage = nullptr) {
   std::vector<WorkItem> items;
-  for (size_t b = 0; b < ns.size(); ++b)
-    for (int64_t s = 0; s < ns[b]; s += kChunk) items.push_back({static_cast<int32_t>(b), s});
+  for (size_t b = 0; b < ns.size(); ++b) {
+    const int64_t ch = (stage && (*stage)[b]) ? kStageChunk : kChunk;
+    for (int64_t s = 0; s < ns[b]; s += ch) items.push_back({static_cast<int32_t>(b), s});
+  }
   return items;
 }
 
@@ -422,14 +442,18 @@ void check_blocks(const std::vector<Tensor>& J, int64_t& K, std::vector<int64_t>
 
 template <typename T>
 void gram_impl(const std::vector<Tensor>& J, int64_t K, const std::vector<int64_t>& ns, double* out) {
-  const std::vector<WorkItem> items = work_items(ns);
+  std::vector<const T*> base(J.size());
+  std::vector<char> stage(J.size());  // fp32 blocks read in place unless their rows alias
+  for (size_t i = 0; i < J.size(); ++i) {
+    base[i] = J[i].data_ptr<T>();
+    stage[i] = std::is_same<T, float>::value && K > 1 && aliasing_stride(ns[i] * sizeof(T));
+  }
+  const std::vector<WorkItem> items = work_items(ns, &stage);
   const int64_t nitems = static_cast<int64_t>(items.size());
   int64_t total = 0;
   for (auto n : ns) total += n * K;
   const int nt = total < (1 << 16) ? 1 : std::max(1, std::min<int>(num_threads(), static_cast<int>(nitems)));
   std::vector<double> part(static_cast<size_t>(nt) * K * K, 0.0);
-  std::vector<const T*> base(J.size());
-  for (size_t i = 0; i < J.size(); ++i) base[i] = J[i].data_ptr<T>();
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
 #ifdef _OPENMP
@@ -439,19 +463,19 @@ void gram_impl(const std::vector<Tensor>& J, int64_t K, const std::vector<int64_
 #endif
     double* acc = part.data() + static_cast<size_t>(tid) * K * K;
     std::vector<const float*> rows(K);
-    std::vector<float> scratch(std::is_same<T, float>::value ? 0 : K * kChunk);
+    std::vector<float> scratch(K * kStageChunk);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; ++it) {
       const WorkItem w = items[it];
       const int64_t n = ns[w.block];
-      const int64_t len = std::min(kChunk, n - w.start);
+      const int64_t len = std::min(stage[w.block] ? kStageChunk : kChunk, n - w.start);
       for (int64_t k = 0; k < K; ++k) {
         const T* src = base[w.block] + k * n + w.start;
-        if constexpr (std::is_same<T, float>::value) {
-          rows[k] = src;
+        if (!std::is_same<T, float>::value || stage[w.block]) {  // convert / one DRAM stream at a time
+          load_f32(src, scratch.data() + k * kStageChunk, len);
+          rows[k] = scratch.data() + k * kStageChunk;
         } else {
-          load_f32(src, scratch.data() + k * kChunk, len);
-          rows[k] = scratch.data() + k * kChunk;
+          rows[k] = reinterpret_cast<const float*>(src);
         }
       }
       gram_tile_f32(rows.data(), static_cast<int>(K), len, acc);
@@ -548,32 +572,38 @@ bool combine_tile_f32(int K, const float* const* rows, const float* c, float* ds
 template <typename T, typename O>
 void combine_impl(const std::vector<Tensor>& J, const std::vector<Tensor>& out, const std::vector<float>& c,
                   int64_t K, const std::vector<int64_t>& ns) {
-  const std::vector<WorkItem> items = work_items(ns);
+  std::vector<const T*> base(J.size());
+  std::vector<O*> obase(J.size());
+  std::vector<char> stage(J.size());  // aliasing rows: accumulate row by row in an L2 scratch
+  for (size_t i = 0; i < J.size(); ++i) {
+    base[i] = J[i].data_ptr<T>();
+    obase[i] = out[i].data_ptr<O>();
+    stage[i] = K > 1 && aliasing_stride(ns[i] * static_cast<int64_t>(sizeof(T)));
+  }
+  const std::vector<WorkItem> items = work_items(ns, &stage);
   const int64_t nitems = static_cast<int64_t>(items.size());
   int64_t total = 0;
   for (auto n : ns) total += n * K;
   const int nt = total < (1 << 16) ? 1 : std::max(1, std::min<int>(num_threads(), static_cast<int>(nitems)));
-  std::vector<const T*> base(J.size());
-  std::vector<O*> obase(J.size());
-  for (size_t i = 0; i < J.size(); ++i) {
-    base[i] = J[i].data_ptr<T>();
-    obase[i] = out[i].data_ptr<O>();
-  }
   constexpr bool f32 = std::is_same<T, float>::value && std::is_same<O, float>::value;
   const bool stream = f32 && total / K * static_cast<int64_t>(sizeof(float)) >= (int64_t(16) << 20);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<float> acc(kChunk), row(std::is_same<T, float>::value ? 0 : kChunk);
+    std::vector<float> acc(kStageChunk), row(std::is_same<T, float>::value ? 0 : kStageChunk);
     std::vector<const float*> rows(K);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; ++it) {
       const WorkItem w = items[it];
       const int64_t n = ns[w.block];
-      const int64_t len = std::min(kChunk, n - w.start);
-      float* d = std::is_same<O, float>::value ? reinterpret_cast<float*>(obase[w.block] + w.start) : acc.data();
+      const bool st = stage[w.block];
+      const int64_t len = std::min(st ? kStageChunk : kChunk, n - w.start);
+      float* d = (std::is_same<O, float>::value && !st) ? reinterpret_cast<float*>(obase[w.block] + w.start)
+                                                         : acc.data();
       if constexpr (f32) {
-        for (int64_t k = 0; k < K; ++k) rows[k] = reinterpret_cast<const float*>(base[w.block] + k * n + w.start);
-        if (combine_tile_f32(static_cast<int>(K), rows.data(), c.data(), d, len, stream)) continue;
+        if (!st) {
+          for (int64_t k = 0; k < K; ++k) rows[k] = reinterpret_cast<const float*>(base[w.block] + k * n + w.start);
+          if (combine_tile_f32(static_cast<int>(K), rows.data(), c.data(), d, len, stream)) continue;
+        }
       }
       for (int64_t k = 0; k < K; ++k) {
         const T* src = base[w.block] + k * n + w.start;
@@ -593,7 +623,7 @@ void combine_impl(const std::vector<Tensor>& J, const std::vector<Tensor>& out, 
           for (int64_t q = 0; q < len; ++q) d[q] += ck * x[q];
         }
       }
-      if (!std::is_same<O, float>::value) store_f32(d, obase[w.block] + w.start, len);
+      if (!std::is_same<O, float>::value || st) store_f32(d, obase[w.block] + w.start, len);
     }
 #if defined(__AVX__)
     if (stream) _mm_sfence();

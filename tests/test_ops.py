@@ -450,8 +450,10 @@ def test_works_without_triton_and_without_extension():
 
 
 @pytest.mark.skipif(_backend.cpp_ops() is None, reason="apex_fast._C is not built")
-def test_cpp_multithreaded_matches_reference():
-    """The OpenMP paths (per-thread partial Grams reduced in thread order) with 2 threads."""
+@pytest.mark.parametrize("stage", ["", "1"], ids=["direct", "staged"])
+def test_cpp_multithreaded_matches_reference(stage):
+    """The OpenMP paths (per-thread partial Grams reduced in thread order) with 2 threads; 'staged'
+    forces the row-by-row path used for rows whose stride aliases in DRAM."""
     _run("""
         import torch
         from apex_fast import ops
@@ -467,7 +469,13 @@ def test_cpp_multithreaded_matches_reference():
         d, a, W = torch.randn(3000, 64), torch.randn(3000, 300), torch.randn(3000, 4)
         G = ops.weighted_grads(d, a, W); Gr = ref.weighted_grads(d, a, W)
         torch.testing.assert_close(G, Gr, atol=1e-3, rtol=1e-4)
-    """, OMP_NUM_THREADS="2")
+        outs = [torch.zeros(300001, dtype=torch.bfloat16), torch.zeros(77, 999, dtype=torch.bfloat16)]
+        for x, y in zip(ops.combine(J, c, out=outs), ref.combine(J, c)):
+            torch.testing.assert_close(x.float(), y.bfloat16().float(), atol=2e-2, rtol=2e-2)
+        Jh = [j.half() for j in J]
+        Mh = ops.gram(Jh); Mhr = ref.gram(Jh)
+        torch.testing.assert_close(Mh / Mhr.abs().max(), Mhr / Mhr.abs().max(), atol=1e-4, rtol=1e-4)
+    """, OMP_NUM_THREADS="2", APEX_FAST_STAGE=stage)
 
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
