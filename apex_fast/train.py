@@ -37,7 +37,7 @@ from apex_fast.models import (
     lora_state_dict, save_lora_diffusers,
 )
 from apex_fast.ops import group_stats
-from apex_fast.rewards import make_scorer, score_all
+from apex_fast.rewards import RewardFailureTracker, make_scorer, score_all, score_all_async
 from apex_fast.rl.loss import grpo_loss
 from apex_fast.rl.rollout import Conditioning, decode_latents, flow_sigmas, predict_velocity, sample
 from apex_fast.rl.sde import sde_step_with_logprob
@@ -90,6 +90,8 @@ class Trainer:
         self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")[: cfg.eval.num_prompts]
         self.scorers = [make_scorer(r.name, **r.args) for r in cfg.rewards]
         self.names = [r.name for r in cfg.rewards]
+        self.reward_tracker = RewardFailureTracker(cfg.train.reward_max_failures)
+        self.reward_timeouts = {r.name: r.timeout_s for r in cfg.rewards}
         self.balancer = make_balancer(cfg.balance, [r.weight for r in cfg.rewards], self.names)
 
         m = cfg.model
@@ -146,21 +148,32 @@ class Trainer:
         return chosen, group_ids
 
     @torch.no_grad()
-    def rollout(self, epoch: int) -> tuple[EpochSamples, torch.Tensor]:
+    def rollout(self, epoch: int) -> tuple[EpochSamples, torch.Tensor, torch.Tensor, dict]:
+        """Sample this rank's rollouts in batches; each decoded batch is scored on a worker thread
+        while the next one is sampled. Returns (samples, group ids [N_global], R_local [n, K], timings)."""
         chosen, group_ids = self._epoch_prompts(epoch)
         gidx = self.layout.rollout_indices(epoch)  # this rank's global sample indices
         prompts = [self.train_prompts[chosen[int(group_ids[i])]][0] for i in gidx]
         meta = [dict(self.train_prompts[chosen[int(group_ids[i])]][1]) for i in gidx]
         cond = self._condition(prompts)
         s = self.cfg.sample
+        gens = generators_for(self.cfg.train.seed, "sample", epoch, indices=gidx.tolist())
         self.transformer.eval()
-        ro = sample(self.transformer, self.pipe.scheduler, cond, latent_shape=self.latent_shape,
-                    num_steps=s.num_steps, guidance_scale=s.guidance_scale, noise_level=s.noise_level,
-                    generators=generators_for(self.cfg.train.seed, "sample", epoch, indices=gidx.tolist()),
-                    batch_size=s.batch_size)
-        images = torch.cat([decode_latents(self.pipe.vae, ro.final[i:i + s.batch_size])
-                            for i in range(0, self.local_n, s.batch_size)])
-        return EpochSamples(prompts, meta, cond, ro.latents, ro.log_probs, gidx, images), group_ids
+        parts, images, futures, timings = [], [], [], {}
+        for lo in range(0, self.local_n, s.batch_size):
+            sl = slice(lo, min(self.local_n, lo + s.batch_size))
+            ro = sample(self.transformer, self.pipe.scheduler, cond.index(sl), latent_shape=self.latent_shape,
+                        num_steps=s.num_steps, guidance_scale=s.guidance_scale, noise_level=s.noise_level,
+                        generators=gens[sl])
+            img = decode_latents(self.pipe.vae, ro.final)
+            futures.append(score_all_async(self.scorers, img, prompts[sl], meta[sl], timings,
+                                           tracker=self.reward_tracker, timeout_s=self.reward_timeouts))
+            parts.append(ro)
+            images.append(img)
+        R_local = torch.cat([f.result() for f in futures])  # a RewardFailureError surfaces here
+        batch = EpochSamples(prompts, meta, cond, torch.cat([r.latents for r in parts]),
+                             torch.cat([r.log_probs for r in parts]), gidx, torch.cat(images))
+        return batch, group_ids, R_local, timings
 
     # ------------------------------------------------------------------ training
     def _step_terms(self, batch: EpochSamples, idx, j: int, train: bool = True, model=None):
@@ -365,11 +378,8 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict:
         t0 = time.perf_counter()
-        batch, group_ids = self.rollout(epoch)
+        batch, group_ids, R_local, timings = self.rollout(epoch)  # scoring overlaps sampling
         t1 = time.perf_counter()
-        timings: dict[str, float] = {}
-        R_local = score_all(self.scorers, batch.images, batch.prompts, batch.metadata, timings)
-        t2 = time.perf_counter()
         # R [N, K] and the group ids in global sample order: one all-gather over ranks
         R, group_ids = self.runtime.gather_samples(R_local, group_ids[batch.global_index], batch.global_index)
         A, bstats = self.balancer.advantages(R, group_ids)
@@ -404,9 +414,9 @@ class Trainer:
             metrics[f"time/reward/{n}"] = timings.get(n, 0.0)
         adv_groups = torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, (A != 0).float())
         metrics["zero_std_ratio"] = float((adv_groups == 0).float().mean())
-        metrics["time/sample"] = t1 - t0
-        metrics["time/reward"] = t2 - t1
-        metrics["time/train"] = t3 - t2
+        metrics["time/sample"] = t1 - t0  # sampling + decoding, and the wait for the last scoring batch
+        metrics["time/reward"] = sum(timings.values())  # scorer time, overlapped with sampling
+        metrics["time/train"] = t3 - t1
         metrics["lr"] = self.cfg.train.lr
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

@@ -48,14 +48,15 @@ def lora_weights(trainer):
 
 def test_seeded_rollout_is_deterministic_and_batch_invariant(tmp_path):
     tr = Trainer(make_cfg(tmp_path))
-    a, _ = tr.rollout(3)
+    a, _, Ra, _ = tr.rollout(3)
     tr.cfg.sample.batch_size = 1
-    b, _ = tr.rollout(3)
-    c, _ = tr.rollout(4)
+    b, _, Rb, _ = tr.rollout(3)
+    c, *_ = tr.rollout(4)
     assert torch.allclose(a.latents, b.latents, atol=1e-5) and torch.allclose(a.log_probs, b.log_probs, atol=1e-4)
     assert not torch.allclose(a.latents[:, -1], c.latents[:, -1])
     assert a.latents.shape[:2] == (4, 5) and a.log_probs.shape == (4, 4)
     assert torch.isfinite(a.log_probs).all()
+    assert torch.allclose(Ra, Rb, rtol=1e-3) and Ra.shape == (4, 2)  # rewards scored batch by batch on the worker thread
 
 
 def test_train_writes_logs_checkpoints_and_loadable_lora(tmp_path, capsys):
@@ -153,3 +154,40 @@ def test_gram_methods_get_a_measured_gram(tmp_path, method):
     assert float(row["conflict_from_gram"]) == 1.0
     if method == "pcgrad":
         assert float(row["gram_fallback"]) == 0.0
+
+
+@register_scorer("always_fails_test")
+class AlwaysFails:
+    name = "always_fails_test"
+
+    def __call__(self, images, prompts, metadata):
+        raise RuntimeError("model server is down")
+
+
+def test_reward_failing_every_batch_stops_the_run_clearly(tmp_path):
+    from apex_fast.rewards import RewardFailureError
+
+    cfg = make_cfg(tmp_path, "train.epochs=3", "train.reward_max_failures=2", "sample.batch_size=2",
+                   "rewards=[{name: always_fails_test, weight: 1.0}, {name: colorfulness, weight: 1.0}]")
+    with pytest.raises(RewardFailureError, match="always_fails_test.*model server is down"):
+        Trainer(cfg).fit()
+
+
+def test_training_raises_likelihood_of_positive_advantage_trajectories(tmp_path):
+    """One epoch of updates moves log-probs in the direction of the advantages (the policy
+    gradient has the right sign end to end: sampler, stored log-probs, loss, optimizer)."""
+    tr = Trainer(make_cfg(tmp_path, "sample.group_size=4", "sample.prompts_per_epoch=2", "train.micro_batch_size=8",
+                          "train.clip_range=1.0", "train.kl_beta=0", "train.lr=3e-3"))
+    batch, group_ids, R, _ = tr.rollout(0)
+    A, _ = tr.balancer.advantages(R, group_ids)
+    idx = torch.arange(tr.local_n)
+
+    def logp():
+        with torch.no_grad():
+            return torch.stack([tr._step_terms(batch, idx, j).log_prob for j in range(tr.num_train_steps)], 1).sum(1)
+
+    before = logp()
+    assert torch.allclose(before, batch.log_probs[:, :tr.num_train_steps].sum(1), atol=1e-5)
+    tr.train_epoch(batch, A[batch.global_index], 0)
+    delta = logp() - before
+    assert float((A[batch.global_index] * delta).sum()) > 0
