@@ -9,8 +9,9 @@ bench/results/ops_<device>.png, with the device, versions, threads, load and the
 Sections:
   groupnorm  group-relative normalisation at Flow-GRPO sizes (N = 1152, K = 4, 48 prompts) and larger:
              ours (apex_fast.ops.group_normalize, default dispatch) vs a per-prompt numpy loop like
-             Flow-GRPO's PerPromptStatTracker vs the vectorised torch reference vs torch.compile of it;
-             plus the APEX dual-stage op vs its reference.
+             Flow-GRPO's PerPromptStatTracker (keyed by prompt strings as Flow-GRPO does, and by integer
+             prompt ids) vs the vectorised torch reference vs torch.compile of it; plus the APEX
+             dual-stage op vs its reference.
   gram       Gram + combine for K = 4, P = 2^20 .. 2^26: ours vs eager (J @ J.T, c @ J) vs
              torch.compile vs a per-task Python loop (LibMTL style) vs torchjd (MGDA end to end, where
              it applies); achieved GB/s against the streaming bandwidth measured in the same run, and
@@ -223,10 +224,12 @@ def bench_groupnorm(dev, quick, out):
         prompts = [f"prompt number {int(i)}" for i in ids.cpu()]
         Rn = R.cpu().numpy().astype(np.float64)
         want = ref.group_normalize(R, ids)
+        ids_np = ids.cpu().numpy()
         provs = {
             "ours": lambda: ops.group_normalize(R, ids),
             "torch_reference": lambda: ref.group_normalize(R, ids),
             "numpy_per_prompt_loop": lambda: flowgrpo_stat_tracker(prompts, Rn),
+            "numpy_per_prompt_loop_int_ids": lambda: flowgrpo_stat_tracker(ids_np, Rn),
         }
         if gn_compiled is not None:
             provs["torch_compile"] = lambda: gn_compiled(R, ids)
@@ -336,6 +339,15 @@ def bench_gram(dev, quick, max_log2p, out, bw):
                 res[name] = r
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if lp >= 24:
+            # the same P spread over 4 separately allocated parameters (the real layout of J)
+            Js = [J[:, i * (P // 4):(i + 1) * (P // 4)].contiguous() for i in range(4)]
+            outs4 = [torch.zeros(P // 4, device=dev) for _ in range(4)]
+            fn = lambda: (ops.gram(Js), ops.combine(Js, c, out=outs4))  # noqa: E731
+            r = dict(timeit(fn, dev, min_time=0.3, max_reps=10), note="J as 4 tensors [K, P/4]")
+            r["GBps_total"] = (byt_g + byt_c) / r["min_s"] / 1e9
+            res["ours_list4"] = r
+            del Js, outs4
         if torchjd is not None:
             try:
                 agg = MGDA()
@@ -472,12 +484,13 @@ def plot(out, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "groupnorm":
-            provs = ["ours", "torch_reference", "torch_compile", "numpy_per_prompt_loop"]
+            provs = ["ours", "torch_reference", "torch_compile", "numpy_per_prompt_loop_int_ids",
+                     "numpy_per_prompt_loop"]
             labels = [f"N={r['N']}\nK={r['K']}" for r in out[key]]
             x = np.arange(len(labels))
             for i, p in enumerate(provs):
                 ys = [r["providers"].get(p, {}).get("min_s", np.nan) * 1e6 for r in out[key]]
-                ax.bar(x + (i - 1.5) * 0.2, ys, 0.2, label=p)
+                ax.bar(x + (i - 2) * 0.16, ys, 0.16, label=p.replace("numpy_per_prompt_loop", "numpy loop"))
             ax.set_yscale("log")
             ax.set_xticks(x, labels)
             ax.set_ylabel("time per call (us, min)")

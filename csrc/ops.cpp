@@ -163,38 +163,66 @@ struct GroupStats {
   std::vector<double> cnt, mean, std;  // [G * K]
 };
 
+// Rows grouped by a counting sort (CSR), then every group's statistics are accumulated in registers
+// (no read-modify-write of per-group arrays per element, which bound the naive loop).
+template <int KC>
+void group_stats_csr(const float* x, const std::vector<int32_t>& start, const std::vector<int32_t>& rows,
+                     int64_t G, int64_t K, GroupStats& s) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    double cnt[KC], s1[KC], s2[KC];
+    float mx[KC], mn[KC];
+    for (int k = 0; k < KC; ++k) { cnt[k] = 0; s1[k] = 0; s2[k] = 0; mx[k] = -inf; mn[k] = inf; }
+    const int32_t b = start[g], e = start[g + 1];
+    for (int32_t r = b; r < e; ++r) {
+      const float* xr = x + static_cast<int64_t>(rows[r]) * K;
+      for (int k = 0; k < KC; ++k) {
+        if (k >= K) break;
+        const float v = xr[k];
+        const bool f = std::isfinite(v);
+        cnt[k] += f ? 1.0 : 0.0;
+        s1[k] += f ? v : 0.f;
+        mx[k] = f ? std::max(mx[k], v) : mx[k];
+        mn[k] = f ? std::min(mn[k], v) : mn[k];
+      }
+    }
+    double mean[KC];
+    for (int k = 0; k < KC && k < K; ++k) mean[k] = s1[k] / std::max(cnt[k], 1.0);
+    for (int32_t r = b; r < e; ++r) {
+      const float* xr = x + static_cast<int64_t>(rows[r]) * K;
+      for (int k = 0; k < KC; ++k) {
+        if (k >= K) break;
+        const float v = xr[k];
+        const double dv = std::isfinite(v) ? v - mean[k] : 0.0;
+        s2[k] += dv * dv;
+      }
+    }
+    for (int k = 0; k < KC && k < K; ++k) {
+      const double sd = std::sqrt(s2[k] / std::max(cnt[k], 1.0));
+      s.cnt[g * K + k] = cnt[k];
+      s.mean[g * K + k] = mean[k];
+      s.std[g * K + k] = (mx[k] > mn[k] && sd > 0) ? sd : 0.0;
+    }
+  }
+}
+
 GroupStats group_stats(const float* x, const Dense& d, int64_t N, int64_t K) {
-  const int64_t GK = d.G * K;
+  const int64_t G = d.G, GK = G * K;
   GroupStats s;
   s.cnt.assign(GK, 0.0);
   s.mean.assign(GK, 0.0);
   s.std.assign(GK, 0.0);
-  std::vector<float> mx(GK, -std::numeric_limits<float>::infinity());
-  std::vector<float> mn(GK, std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t g = d.gid[i] * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = x[i * K + k];
-      const bool f = std::isfinite(v);
-      s.cnt[g + k] += f ? 1.0 : 0.0;
-      s.mean[g + k] += f ? v : 0.f;
-      mx[g + k] = f ? std::max(mx[g + k], v) : mx[g + k];
-      mn[g + k] = f ? std::min(mn[g + k], v) : mn[g + k];
-    }
-  }
-  for (int64_t j = 0; j < GK; ++j) s.mean[j] /= std::max(s.cnt[j], 1.0);
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t g = d.gid[i] * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = x[i * K + k];
-      const double dv = std::isfinite(v) ? v - s.mean[g + k] : 0.0;
-      s.std[g + k] += dv * dv;
-    }
-  }
-  for (int64_t j = 0; j < GK; ++j) {
-    const double sd = std::sqrt(s.std[j] / std::max(s.cnt[j], 1.0));
-    s.std[j] = (mx[j] > mn[j] && sd > 0) ? sd : 0.0;
-  }
+  std::vector<int32_t> start(G + 1, 0), rows(N);
+  for (int64_t i = 0; i < N; ++i) ++start[d.gid[i] + 1];
+  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+  std::vector<int32_t> cur(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < N; ++i) rows[cur[d.gid[i]]++] = static_cast<int32_t>(i);
+  if (K <= 1) group_stats_csr<1>(x, start, rows, G, K, s);
+  else if (K <= 4) group_stats_csr<4>(x, start, rows, G, K, s);
+  else if (K <= 8) group_stats_csr<8>(x, start, rows, G, K, s);
+  else if (K <= 16) group_stats_csr<16>(x, start, rows, G, K, s);
+  else if (K <= 64) group_stats_csr<64>(x, start, rows, G, K, s);
+  else TORCH_CHECK(false, "apex_fast: at most 64 objectives (K) are supported, got ", K);
   return s;
 }
 
