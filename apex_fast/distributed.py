@@ -11,8 +11,10 @@ The trainer sees one seam, ``make_engine(cfg, model, params, runtime)``:
     engine.backward(loss)          accumulate gradients (called once per trained timestep)
     engine.step(max_grad_norm)     reduce over ranks, clip to the global norm, AdamW; -> norm before clipping
     engine.gathered(params, modify=False)   context with full parameters (ZeRO-3; a no-op otherwise)
+    engine.consolidated(named)     full copies on rank 0, gathered one parameter at a time (ZeRO-3)
     engine.optimizer_state() / load_optimizer_state(state)   optimizer state inside our checkpoint (torch)
     engine.save_checkpoint(folder) / load_checkpoint(checkpoint)   engine-owned files (DeepSpeed)
+    engine.restores_weights        True: load_checkpoint restores the trainable weights (DeepSpeed)
     engine.close()
 
 Both engines compute the same update: gradients of the per-rank losses (fixed denominators, see
@@ -328,8 +330,13 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    restores_weights = False  # a resume loads weights and optimizer state from the trainer state
+
     def gathered(self, params=None, modify: bool = False):
         return contextlib.nullcontext()
+
+    def consolidated(self, named: dict) -> dict:
+        return {n: p.detach() for n, p in named.items()}
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
@@ -452,12 +459,29 @@ class DeepSpeedEngine:
     def gathered(self, params=None, modify: bool = False):
         """Full parameters inside the block on every rank (ZeRO-3: a collective, enter it on all ranks).
         ``modify=True``: what rank 0 writes into them is kept (broadcast and re-partitioned on exit)."""
-        if not self.zero3:
+        params = list(self.params if params is None else params)
+        if not self.zero3 or not params:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.params if params is None else params),
-                                                 modifier_rank=0 if modify else None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    def consolidated(self, named: dict) -> dict:
+        """Full copies of the named parameters on rank 0 (CPU under ZeRO-3, gathered one at a time so
+        no rank ever holds all of them: the full fine-tuning checkpoint of a ZeRO-3 model); {} on the
+        other ranks under ZeRO-3. A collective under ZeRO-3: call it on every rank."""
+        if not self.zero3:
+            return {n: p.detach() for n, p in named.items()}
+        import deepspeed
+
+        out = {}
+        for n, p in named.items():
+            with deepspeed.zero.GatheredParameters([p]):
+                if self.runtime.rank == 0:
+                    out[n] = p.detach().to("cpu", copy=True)
+        return out
+
+    restores_weights = True  # load_checkpoint restores the trainable weights with their fp32 masters
 
     def optimizer_state(self) -> dict:
         return {}  # in the checkpoint's deepspeed/ folder (save_checkpoint), one shard per rank

@@ -285,13 +285,15 @@ class Trainer:
         return means
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
+    def state(self, trainable: dict | None = None) -> dict:
+        if trainable is None:
+            trainable = lora_state_dict(self.transformer) if self.cfg.lora.enabled else \
+                {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad}
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
             "world_size": self.world,
-            "trainable": lora_state_dict(self.transformer) if self.cfg.lora.enabled else
-            {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad},
+            "trainable": trainable,
             "optimizer": self.engine.optimizer_state(),
             "ema": self.ema,
             "balancer": self.balancer.state_dict(),
@@ -306,8 +308,11 @@ class Trainer:
         # engine-owned files (DeepSpeed: the ZeRO optimizer shards), written by every rank into a
         # staging folder that rank 0 moves into the checkpoint before its atomic rename
         engine_dir = self.engine.save_checkpoint(self.ckpt_dir / f".engine-{self.epoch:06d}")
+        # full fine-tuning under ZeRO-3: one weight at a time onto rank 0's CPU, never all at once
+        full = None if self.cfg.lora.enabled else self.engine.consolidated(
+            {n: p for n, p in self.transformer.named_parameters() if p.requires_grad})
         path = None
-        with self.engine.gathered(self.params):  # ZeRO-3: full weights for the LoRA file and the state
+        with self.engine.gathered(self.params if self.cfg.lora.enabled else []):  # ZeRO-3: the LoRA, gathered
             if self.is_main:
                 def write_lora(tmp):
                     if self.cfg.lora.enabled:
@@ -315,7 +320,7 @@ class Trainer:
                     if engine_dir is not None:
                         Path(engine_dir).rename(Path(tmp) / dist_utils.DS_CHECKPOINT_DIR)
 
-                path = save_checkpoint(self.ckpt_dir, self.epoch, self.state(), write_extra=write_lora,
+                path = save_checkpoint(self.ckpt_dir, self.epoch, self.state(full), write_extra=write_lora,
                                        keep=self.cfg.checkpoint.keep)
                 log.info("saved checkpoint %s", path)
         self.runtime.barrier()
@@ -327,8 +332,11 @@ class Trainer:
         if st.get("world_size", self.world) != self.world:
             raise CheckpointError(
                 f"checkpoint {path} was written by {st['world_size']} processes but this run has {self.world}; "
-                f"resume with the same number of processes (the rollout shards and RNG streams depend on it)")
-        with self.engine.gathered(self.params, modify=True):
+                f"resume with the same number of processes (the optimizer state's ZeRO shards and the global "
+                f"micro-batch, train.micro_batch_size x processes, depend on it)")
+        if self.engine.restores_weights:
+            self.engine.load_checkpoint(path)  # DeepSpeed: trainable weights, fp32 masters, ZeRO optimizer shards
+        else:
             if self.cfg.lora.enabled:
                 load_lora_state_dict(self.transformer, st["trainable"])
             else:
@@ -336,8 +344,7 @@ class Trainer:
                 with torch.no_grad():
                     for n, v in st["trainable"].items():
                         named[n].copy_(v)
-        self.engine.load_optimizer_state(st["optimizer"])
-        self.engine.load_checkpoint(path)  # DeepSpeed: ZeRO optimizer shards + fp32 master weights
+            self.engine.load_optimizer_state(st["optimizer"])
         if self.ema is not None and st.get("ema") is not None:
             for e, v in zip(self.ema, st["ema"]):
                 e.copy_(v)
@@ -422,7 +429,7 @@ class Trainer:
 
     def finish(self) -> dict:
         result = {"start": self.eval_history.get(0, {}), "end": self.eval_history.get(self.cfg.train.epochs, {})}
-        with self.engine.gathered(self.params):  # ZeRO-3: a collective, the LoRA is written by rank 0
+        with self.engine.gathered(self.params if self.cfg.lora.enabled else []):  # ZeRO-3: a collective
             if self.is_main and self.cfg.lora.enabled:
                 save_lora_diffusers(self.transformer, self.out_dir / "lora")
         if self.is_main:

@@ -6,8 +6,8 @@ Runs apex_fast/train.py on the same global batch and the same global micro-batch
   * 1 process (torch engine), micro-batch B, 1 thread and 2 threads;
   * 2 processes (torchrun, torch engine) and 2 processes (deepspeed launcher, ZeRO-2), micro-batch
     B/2 each, 1 thread per process.
-samples/s of an epoch = images per epoch / (rollout + reward + train seconds of that epoch, as rank
-0 logs them: rank 0 waits for the other rank in the collectives, so this is the job's time); the
+samples/s of an epoch = images per epoch / (rollout incl. scoring + train seconds of that epoch, as
+rank 0 logs them: rank 0 waits for the other rank in the collectives, so this is the job's time); the
 median over the epochs after the first (warm-up). The wall time of the whole command (start-up,
 evaluation at start and end, checkpoint) is reported too. Writes bench/results/distributed_cpu.json.
 On a shared machine the numbers move with its load: the load average is recorded with them.
@@ -76,7 +76,8 @@ def run_case(name, launcher, nproc, mbs, threads, args, out, ds=None) -> dict:
     rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("time/train")]
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
     n = cfg["sample"]["prompts_per_epoch"] * cfg["sample"]["group_size"]
-    per_epoch = [float(r["time/sample"]) + float(r["time/reward"]) + float(r["time/train"]) for r in rows]
+    # time/sample includes the scoring (overlapped with sampling, then the wait for the last batch)
+    per_epoch = [float(r["time/sample"]) + float(r["time/train"]) for r in rows]
     steady = per_epoch[1:] or per_epoch
     sec = statistics.median(steady)
     return {
@@ -126,8 +127,8 @@ def main(argv=None):
         else args.config, "epochs": args.epochs, "global_micro_batch": B,
         "device": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": None, "backend": "gloo"},
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
-        "note": "samples/s = images per epoch / median epoch seconds after the first epoch (rank 0's rollout + "
-                "reward + train time); recorded, not asserted. The machine may be shared: see load averages.",
+        "note": "samples/s = images per epoch / median epoch seconds after the first epoch (rank 0's rollout with "
+                "scoring + train time); recorded, not asserted. The machine may be shared: see load averages.",
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
