@@ -200,27 +200,45 @@ def test_resume_with_another_process_count_is_a_clear_error(zero2, tmp_path):
         Trainer(cfg).fit()
 
 
+FULL = ["lora.enabled=false", "train.ema=false", "train.kl_beta=0", "train.lr=1e-4"]
+
+
+def trainable_state(ckpt) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(Path(ckpt) / "state.safetensors")).items() if k.startswith("trainable")}
+
+
 @pytest.mark.slow
-def test_zero3_saves_gathered_weights_and_resumes_exactly(zero2, tmp_path):
-    """ZeRO-3 with every parameter partitioned (persistence threshold 0): the LoRA file, the EMA
-    and the evaluation need the gathered weights; the result equals ZeRO-2's up to rounding."""
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full-finetune"])
+def test_zero3_saves_gathered_weights_and_resumes_exactly(zero2, tmp_path, full):
+    """ZeRO-3 with every parameter partitioned (persistence threshold 0). LoRA: the LoRA file, the
+    EMA and the evaluation need the gathered weights; the result equals ZeRO-2's up to rounding.
+    Full fine-tuning: the checkpoint's weights are gathered one at a time onto rank 0."""
     proc, z2 = zero2
     ds = tmp_path / "z3.json"
     cfg = json.loads((ROOT / "configs" / "ds_zero3.json").read_text())
     cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     ds.write_text(json.dumps(cfg))
+    extra = FULL if full else []
     out = tmp_path / "z3"
-    p = torchrun(out, *TWO, ds=ds)
+    p = torchrun(out, *TWO, *extra, ds=ds)
     assert_clean(p, "torchrun ZeRO-3")
-    w3 = lora(out / "lora")
-    assert all(v.numel() > 0 for v in w3.values())
-    assert max_diff(w3, lora(z2 / "lora")) <= ATOL
+    ck1, ck2 = (out / "checkpoints" / f"checkpoint-00000{e}" for e in (1, 2))
+    if full:
+        w3 = trainable_state(ck2)
+        assert len(w3) > 50 and all(v.numel() > 0 for v in w3.values())  # every weight, full size
+        assert not (out / "lora").exists()
+        assert max_diff(w3, trainable_state(ck1)) > 0  # epoch 2 trained
+    else:
+        w3 = lora(out / "lora")
+        assert all(v.numel() > 0 for v in w3.values())
+        assert max_diff(w3, lora(z2 / "lora")) <= ATOL
     res = tmp_path / "z3r"
     (res / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "checkpoint-000001", res / "checkpoints" / "checkpoint-000001")
-    p = torchrun(res, *TWO, ds=ds, extra=["--resume", "latest"])
+    shutil.copytree(ck1, res / "checkpoints" / "checkpoint-000001")
+    p = torchrun(res, *TWO, *extra, ds=ds, extra=["--resume", "latest"])
     assert_clean(p, "torchrun ZeRO-3 --resume latest")
-    assert max_diff(lora(res / "lora"), w3) == 0
+    resumed = trainable_state(res / "checkpoints" / "checkpoint-000002") if full else lora(res / "lora")
+    assert max_diff(resumed, w3) == 0
 
 
 @pytest.mark.slow
