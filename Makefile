@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "torch==2.13.0" ninja
 	$(PIP) install -q -e ".[dev,distributed]" --no-build-isolation
 	touch $(STAMP)
 
