@@ -64,7 +64,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (immutable)
     _closers: list = field(default_factory=list, repr=False)
 
     @property
@@ -191,12 +191,12 @@ def _skip_deepspeed_shm_build() -> None:
     if os.environ.get("APEX_FAST_DS_SHM", "0") == "1":
         return
     try:
-        from deepspeed.accelerator import get_accelerator
         import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() == "cpu":
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # module-level cache, edits persist
-    except Exception as e:  # pragma: no cover - depends on the DeepSpeed build
+    except Exception as e:  # noqa: BLE001  # pragma: no cover - depends on the DeepSpeed build
         log.debug("could not disable the DeepSpeed shm comm op: %r", e)
 
 

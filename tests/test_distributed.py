@@ -31,7 +31,7 @@ def test_global_micro_batches_do_not_depend_on_the_process_count(total, global_m
     for epoch in (0, 5):
         for inner in (0, 1, 2):
             ref = global_batches(total, global_mb, 1, epoch, inner)
-            assert sorted(sum(ref, [])) == list(range(total))  # every sample trains once per inner epoch
+            assert sorted(i for mb in ref for i in mb) == list(range(total))  # every sample trains once per inner epoch
             for w in worlds[1:]:
                 assert global_batches(total, global_mb // w, w, epoch, inner) == ref, (w, epoch, inner)
 
@@ -86,7 +86,8 @@ def _cfg(tmp_path, ds: dict | None, **train):
     if ds is not None:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(ds))
-    t = dict(lr=1e-3, adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, micro_batch_size=4, max_grad_norm=1.0)
+    t = {"lr": 1e-3, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 0.0, "micro_batch_size": 4,
+         "max_grad_norm": 1.0}
     t.update(train)
     return NS(deepspeed=str(path) if path else None, train=NS(**t))
 
