@@ -4,11 +4,13 @@
 
 Each method runs the full trainer (same seed, same prompts, same rollout noise) into
 <output_dir>_<method>; the table shows each objective's eval reward at the start (shared base model)
-and the end of every run. Results go to bench/results/compare_methods_<config>.json and .md.
+and the end of every run, and its mean share of the advantage actually trained on
+(``effective_share``: 1/K each would be balanced; the static sum shows variance hijacking). Results go to bench/results/compare_methods_<config>.json and .md.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
@@ -36,14 +38,20 @@ def main(argv=None):
                                                    f"log.output_dir={base.log.output_dir}_{method}"])
         t0 = time.perf_counter()
         result = Trainer(cfg).fit()
-        runs[method] = {**result, "seconds": time.perf_counter() - t0, "output_dir": cfg.log.output_dir}
+        rows = list(csv.DictReader((Path(cfg.log.output_dir) / "metrics.csv").open()))
+        share = {n: sum(float(r[f"effective_share/{n}"]) for r in rows if r.get(f"effective_share/{n}")) /
+                 max(1, sum(1 for r in rows if r.get(f"effective_share/{n}"))) for n in result["start"]}
+        runs[method] = {**result, "effective_share": share, "seconds": time.perf_counter() - t0,
+                        "output_dir": cfg.log.output_dir}
     names = list(next(iter(runs.values()))["start"])
-    header = "| objective | start | " + " | ".join(f"end ({m})" for m in runs) + " |"
-    lines = [header, "|" + "---|" * (2 + len(runs))]
+    header = ("| objective | start | " + " | ".join(f"end ({m})" for m in runs) + " | "
+              + " | ".join(f"trained share ({m})" for m in runs) + " |")
+    lines = [header, "|" + "---|" * (2 + 2 * len(runs))]
     for n in names:
         start = next(iter(runs.values()))["start"][n]
         ends = " | ".join(f"{r['end'][n]:.4f} ({r['end'][n] - start:+.4f})" for r in runs.values())
-        lines.append(f"| {n} | {start:.4f} | {ends} |")
+        shares = " | ".join(f"{r['effective_share'][n]:.2f}" for r in runs.values())
+        lines.append(f"| {n} | {start:.4f} | {ends} | {shares} |")
     table = "\n".join(lines)
     cmd = "python -m bench.compare_methods " + " ".join(sys.argv[1:] if argv is None else argv)
     print("\n" + table + "\n")
