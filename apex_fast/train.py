@@ -159,7 +159,7 @@ class Trainer:
         s = self.cfg.sample
         gens = generators_for(self.cfg.train.seed, "sample", epoch, indices=gidx.tolist())
         self.transformer.eval()
-        parts, images, futures, timings = [], [], [], {}
+        parts, images, futures, timings, errors = [], [], [], {}, {}
         for lo in range(0, self.local_n, s.batch_size):
             sl = slice(lo, min(self.local_n, lo + s.batch_size))
             ro = sample(self.transformer, self.pipe.scheduler, cond.index(sl), latent_shape=self.latent_shape,
@@ -167,12 +167,13 @@ class Trainer:
                         generators=gens[sl])
             img = decode_latents(self.pipe.vae, ro.final)
             futures.append(score_all_async(self.scorers, img, prompts[sl], meta[sl], timings,
-                                           tracker=self.reward_tracker, timeout_s=self.reward_timeouts))
+                                           timeout_s=self.reward_timeouts, errors=errors))
             parts.append(ro)
             images.append(img)
         R_local = torch.cat([f.result() for f in futures])  # a RewardFailureError surfaces here
         batch = EpochSamples(prompts, meta, cond, torch.cat([r.latents for r in parts]),
                              torch.cat([r.log_probs for r in parts]), gidx, torch.cat(images))
+        self._reward_errors = errors  # this rank's messages of failed scorer calls
         return batch, group_ids, R_local, timings
 
     # ------------------------------------------------------------------ training
@@ -389,6 +390,9 @@ class Trainer:
         t1 = time.perf_counter()
         # R [N, K] and the group ids in global sample order: one all-gather over ranks
         R, group_ids = self.runtime.gather_samples(R_local, group_ids[batch.global_index], batch.global_index)
+        # judged on the gathered rewards, so every rank reaches the same verdict (no rank stops alone)
+        all_nan = {n for k, n in enumerate(self.names) if torch.isnan(R[:, k]).all()}
+        self.reward_tracker.update(self.names, R, {n: e for n, e in self._reward_errors.items() if n in all_nan})
         A, bstats = self.balancer.advantages(R, group_ids)
         mine = batch.global_index  # this rank trains on its samples' rows of the global advantages
         ustats = {}
