@@ -25,6 +25,7 @@ optimizer, so no optimizer JIT build is needed).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -49,8 +50,6 @@ DS_TAG = "zero"
 
 def seed_for(*parts) -> int:
     """A stable 63-bit seed from any tuple of ints/strings (independent of PYTHONHASHSEED)."""
-    import hashlib
-
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 

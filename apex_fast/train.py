@@ -10,7 +10,6 @@ trained timestep: clipped policy loss + KL, backward -> optimizer step -> log, e
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import random
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from apex_fast import distributed as dist_utils
+from apex_fast.distributed import seed_for
 from apex_fast.balance import make_balancer
 from apex_fast.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from apex_fast.config import Config, ConfigError, load_config, save_config, to_dict
@@ -44,12 +44,6 @@ from apex_fast.rl.sde import sde_step_with_logprob
 from apex_fast.tracking import Tracker, format_reward_table, plot_reward_curves
 
 log = logging.getLogger("apex_fast.train")
-
-
-def seed_for(*parts) -> int:
-    """A stable 63-bit seed from any tuple of ints/strings (independent of PYTHONHASHSEED)."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 def generators_for(*parts, indices) -> list[torch.Generator]:
