@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
@@ -154,9 +154,12 @@ def test_upgrad_matches_torchjd(J):
 
     M = J @ J.T
     ev = torch.linalg.eigvalsh(M / M.diagonal().sum())
-    if float(ev.min()) < 1e-8:  # quadprog needs a well-conditioned positive definite Gram
-        return
-    ref = tjd.UPGradWeighting(projector=QuadprogProjector(reg_eps=0.0))(M)
+    assume(float(ev.min()) > 1e-6)  # quadprog needs a well-conditioned positive definite Gram
+    try:
+        ref = tjd.UPGradWeighting(projector=QuadprogProjector(reg_eps=0.0))(M)
+    except ValueError as e:  # quadprog's own PD test is stricter than ours on near-singular draws
+        assume("positive definite" not in str(e))
+        raise
     c = upgrad_coefficients(M)
     dist2 = float((c - ref) @ M @ (c - ref)) / float(M.diagonal().mean())
     assert dist2 <= 1e-10, (c, ref)
