@@ -24,9 +24,16 @@ from apex_fast.models import (  # noqa: E402
     resolve_dtype,
     save_lora_diffusers,
 )
-from apex_fast.models.tiny import TINY_TOKENIZER_DIR, count_parameters, tiny_clip_tokenizer  # noqa: E402
+from apex_fast.models.tiny import TINY_TOKENIZER_DIR, TINY_VAE_DIR, count_parameters, tiny_clip_tokenizer  # noqa: E402
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+# measured on the committed asset (scripts/train_tiny_vae.py defaults); thresholds with margin
+VAE_MIN_PSNR_SEEN = 17.0  # dB; measured 18.1 (mean-colour baseline 12.9)
+VAE_MIN_PSNR_UNSEEN = 14.0  # measured 15.1 (mean-colour baseline 13.2)
+DECODED_COLORFULNESS_MIN_STD = 5.0  # measured 8.5; random VAE: 2.5
+DECODED_CONTRAST_MIN_STD = 0.006  # measured 0.0087; random VAE: 0.004
+CONTRAST_SCALE_MIN_GAIN = 0.06  # latents x2 vs x0.25; measured 0.099; random VAE: 0.000
+JPEG_SCALE_MIN_GAIN_KB = 0.5  # measured 0.69; random VAE: 0.40
 
 
 def _state(pipe, name):
@@ -77,8 +84,18 @@ def test_build_is_deterministic_and_leaves_global_rng_alone():
     for name in COMPONENTS:
         assert _same_weights(a, b, name), name
     c = build_tiny_pipeline(1)
-    for name in COMPONENTS:
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
         assert not _same_weights(a, c, name), name
+    assert _same_weights(a, c, "vae")  # the trained asset, whatever the seed
+
+
+def test_build_is_fast():
+    import time
+
+    build_tiny_pipeline(0)  # imports, file cache
+    t0 = time.perf_counter()
+    build_tiny_pipeline(0)
+    assert time.perf_counter() - t0 < 1.0  # ~0.2 s on an idle core; margin for a loaded machine
 
 
 def test_tiny_sizes_and_shapes():
@@ -87,8 +104,11 @@ def test_tiny_sizes_and_shapes():
     assert pipe.vae_scale_factor == 8
     assert pipe.default_sample_size * pipe.vae_scale_factor == TINY_IMAGE_SIZE == 64
     assert pipe.vae.config.latent_channels == pipe.transformer.config.in_channels == 16
-    assert pipe.vae.config.scaling_factor == pytest.approx(1.5305)
-    assert pipe.vae.config.shift_factor == pytest.approx(0.0609)
+    stored = json.loads((TINY_VAE_DIR / "config.json").read_text())
+    assert pipe.vae.config.scaling_factor == stored["scaling_factor"] != pytest.approx(1.5305)  # measured, not SD3's
+    assert pipe.vae.config.shift_factor == stored["shift_factor"]
+    assert count_parameters(pipe.vae) <= 300_000
+    assert (TINY_VAE_DIR / "diffusion_pytorch_model.safetensors").stat().st_size < 2_000_000
     assert pipe.scheduler.config.shift == 3.0
     assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
 
@@ -119,6 +139,54 @@ def test_with_t5_keeps_other_weights_and_uses_t5():
     assert emb[:, 77:].abs().max() > 0
     assert torch.equal(emb[:, :77], emb0[:, :77])
     assert _sample(t5, steps=2).shape == (1, 3, 64, 64)
+
+
+def _script(name):
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = iu.spec_from_file_location(name, path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_vae_is_trained_reconstructs_and_follows_latents():
+    import numpy as np
+
+    from apex_fast.rl.rollout import decode_latents
+
+    vae = build_tiny_pipeline(0).vae
+    gen = _script("train_tiny_vae")
+    seen = gen.batch(np.random.default_rng(0), 96)[:32]  # the script's fixed training set (seed 0)
+    unseen = gen.batch(np.random.default_rng(1234), 32)
+    for x, min_psnr in ((seen, VAE_MIN_PSNR_SEEN), (unseen, VAE_MIN_PSNR_UNSEEN)):
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample
+        flat = x.mean((2, 3), keepdim=True).expand_as(x)
+        assert gen.psnr(rec, x) > min_psnr
+        assert gen.psnr(rec, x) > gen.psnr(flat, x) + 1  # better than each image's mean colour
+    # the stored scaling/shift give ~unit-std latents, the transformer's noise scale
+    zs = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert 0.6 < float(zs.std()) < 1.6 and abs(float(zs.mean())) < 0.3
+    # different N(0, 1) latents decode to clearly different images
+    noise = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        imgs = decode_latents(vae, noise)
+    assert float((imgs[:4] - imgs[4:]).abs().mean()) > 0.03
+
+
+def test_tiny_vae_rewards_respond_to_latents():
+    """What RL needs: the reward features of decoded N(0, 1) latents vary across samples and
+    follow the latents' scale (a random VAE: colorfulness std ~2.5, contrast flat at ~0.085)."""
+    sens = _script("train_tiny_vae").sensitivity(build_tiny_pipeline(0).vae)  # colorfulness, contrast, jpeg kB
+    f = sens["x1"]
+    assert f[:, 0].std() > DECODED_COLORFULNESS_MIN_STD
+    assert f[:, 1].std() > DECODED_CONTRAST_MIN_STD
+    assert sens["x2"][:, 1].mean() - sens["x0.25"][:, 1].mean() > CONTRAST_SCALE_MIN_GAIN
+    assert abs(sens["x2"][:, 2].mean() - sens["x0.25"][:, 2].mean()) > JPEG_SCALE_MIN_GAIN_KB
 
 
 # ---------------------------------------------------------------- tokenizer

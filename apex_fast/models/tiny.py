@@ -7,13 +7,19 @@ Shapes mirror SD3 so every code path of the real model is exercised:
   states are concatenated (48) and zero-padded to ``joint_attention_dim`` (64, the T5 width),
   their projections concatenated into the pooled embedding (48 = ``pooled_projection_dim``);
 * an optional T5 encoder (d_model 64); without it the pipeline feeds zeros, as SD3 does;
-* a 16-channel VAE with 4 resolution levels (``vae_scale_factor`` 8, SD3's scaling/shift
-  factors), so 64 x 64 px images <-> 16 x 8 x 8 latents -> 4 x 4 = 16 image tokens at patch 2;
+* a 16-channel VAE with 4 resolution levels (``vae_scale_factor`` 8), so 64 x 64 px images
+  <-> 16 x 8 x 8 latents -> 4 x 4 = 16 image tokens at patch 2. Unlike the other components
+  it is *trained* (scripts/train_tiny_vae.py: reconstruction + small KL on a fixed set of 96 procedural images
+  of shapes, gradients, words and noise) and loaded from ``assets/tiny_vae`` (~1 MB
+  safetensors), the same for every seed; its scaling/shift factors are measured on its data
+  as SD3's were, so N(0, 1) latents decode to varied images whose colour, contrast and
+  detail follow the latents (a random VAE decodes every latent to nearly the same image);
 * an ``SD3Transformer2DModel`` with 2 joint blocks (inner dim 32, RMS qk-norm like SD3.5);
 * ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
 
-The weights are random: images are noise-like, but shapes, dtypes, LoRA, save/load and the
-sampler behave exactly as with SD3/SD3.5.
+The transformer and text encoders are random (seeded): samples are not meaningful pictures,
+but image rewards respond to the latents the policy produces, and shapes, dtypes, LoRA,
+save/load and the sampler behave exactly as with SD3/SD3.5.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_clip_tokenizer"
 
 TINY_IMAGE_SIZE = 64  # pixels; 8x VAE down-sampling -> 8 x 8 latents
-TINY_VAE_BLOCK_OUT_CHANNELS = (8, 8, 16, 16)  # 4 levels -> vae_scale_factor 2 ** 3 = 8
+TINY_VAE_DIR = ASSETS_DIR / "tiny_vae"  # trained weights + config (scripts/train_tiny_vae.py)
+TINY_VAE_BLOCK_OUT_CHANNELS = (16, 16, 32, 32)  # 4 levels -> vae_scale_factor 2 ** 3 = 8
 TINY_LATENT_SIZE = TINY_IMAGE_SIZE // 2 ** (len(TINY_VAE_BLOCK_OUT_CHANNELS) - 1)
 TINY_CLIP_HIDDEN = (16, 32)  # text_encoder (CLIP-L stand-in), text_encoder_2 (CLIP-G stand-in)
 TINY_T5_DIM = 64  # = transformer joint_attention_dim, with or without the T5 encoder
 TINY_T5_MAX_LENGTH = 256
-SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_VAE_SCALING_FACTOR = 1.5305  # SD3's; the trained tiny VAE stores its own (from its data)
 SD3_VAE_SHIFT_FACTOR = 0.0609
 
 
@@ -133,11 +140,13 @@ def _transformer():
     )
 
 
-def _vae():
-    from diffusers import AutoencoderKL
+def tiny_vae_config() -> dict:
+    """`AutoencoderKL` kwargs of the tiny VAE (SD3's layout, 16 latent channels, x8 down-sampling).
 
+    scaling/shift factors here are SD3's placeholders; the trained asset stores the ones measured
+    on its training data (scripts/train_tiny_vae.py)."""
     n = len(TINY_VAE_BLOCK_OUT_CHANNELS)
-    return AutoencoderKL(
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -145,7 +154,7 @@ def _vae():
         block_out_channels=TINY_VAE_BLOCK_OUT_CHANNELS,
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=2,  # >= 8 channels a group: a 2-channel group normalises a flat colour to +-1
         sample_size=TINY_IMAGE_SIZE,
         scaling_factor=SD3_VAE_SCALING_FACTOR,
         shift_factor=SD3_VAE_SHIFT_FACTOR,
@@ -155,11 +164,21 @@ def _vae():
     )
 
 
+def _vae():
+    """The trained tiny VAE from the package assets (independent of the seed)."""
+    from diffusers import AutoencoderKL
+
+    if not (TINY_VAE_DIR / "diffusion_pytorch_model.safetensors").is_file():
+        raise FileNotFoundError(f"tiny VAE weights missing in {TINY_VAE_DIR}: run scripts/train_tiny_vae.py")
+    return AutoencoderKL.from_pretrained(str(TINY_VAE_DIR), local_files_only=True)
+
+
 def build_tiny_pipeline(seed: int = 0, *, with_t5: bool = False, dtype: torch.dtype = torch.float32):
     """Build the tiny `StableDiffusion3Pipeline` offline, deterministically from `seed`.
 
     Same seed -> bit-identical weights; the global torch RNG is left untouched. The
-    transformer, VAE and CLIP encoders do not depend on `with_t5` (T5 is initialised last).
+    transformer and CLIP encoders do not depend on `with_t5` (T5 is initialised last); the
+    VAE is the trained asset, identical for every seed.
     Components: see the module docstring. Default image size: TINY_IMAGE_SIZE (64 px).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -173,12 +192,12 @@ def build_tiny_pipeline(seed: int = 0, *, with_t5: bool = False, dtype: torch.dt
         text_encoder = _clip_text_encoder(vocab_size, TINY_CLIP_HIDDEN[0], **ids)
         text_encoder_2 = _clip_text_encoder(vocab_size, TINY_CLIP_HIDDEN[1], **ids)
         transformer = _transformer()
-        vae = _vae()
         text_encoder_3 = tokenizer_3 = None
         if with_t5:
             tokenizer_3 = tiny_t5_tokenizer()
             text_encoder_3 = _t5_encoder(len(tokenizer_3))
 
+    vae = _vae()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -210,6 +229,8 @@ __all__ = [
     "TINY_IMAGE_SIZE",
     "TINY_LATENT_SIZE",
     "TINY_TOKENIZER_DIR",
+    "TINY_VAE_DIR",
+    "tiny_vae_config",
     "build_tiny_pipeline",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
