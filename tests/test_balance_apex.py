@@ -2,7 +2,6 @@
 hypothesis properties (variance hijacking, permutation, degenerate groups, NaN), exact resume."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import warnings

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import math
 import threading
@@ -15,7 +14,6 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from apex_fast.rewards import (
     RemoteScorerError,
