@@ -13,34 +13,18 @@ import torch
 from apex_fast.rewards import RewardModelLoadError, make_scorer, score_all
 
 transformers = pytest.importorskip("transformers")
+from apex_fast.models.tiny import TINY_TOKENIZER_DIR  # noqa: E402
 torch.set_num_threads(1)
 
 
-def _bytes_to_unicode():
-    """GPT-2/CLIP byte -> printable unicode map (the CLIP BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def _tiny_clip(root, projection_dim=16, vocab_size=None):
-    """A CLIPProcessor (char-level BPE tokenizer, 32 px image processor) and a tiny CLIPModel."""
+    """A CLIPProcessor (the tiny BPE tokenizer, 32 px image processor) and a tiny CLIPModel."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = bos, eos
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    # the project's own tiny CLIP tokenizer (apex_fast/models/assets), loaded the way users load one
+    tok = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    vocab = tok.get_vocab()
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(root / "processor")
     torch.manual_seed(0)
