@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
+from apex_fast.grad import commit_epoch, epoch_advantages  # noqa: E402
 from apex_fast.rl.loss import grpo_loss  # noqa: E402
 
 NAMES = ["ocr", "pick", "aes", "deqa"]
@@ -177,13 +178,11 @@ def run(method: str, seed: int, epochs: int, eval_every: int, lr: float = 0.005,
             z = policy.mean(e) + policy.sigma * torch.randn(e.shape[0], D, generator=gen)
             old_lp = policy.log_prob(z, e)
             R = toy.rewards(z, e, gen)
-        A, stats = bal.advantages(R, gid)
-        M = None
-        if bal.wants_gram:
-            M = per_objective_gram(policy, z, e, old_lp, bal.objective_advantages, clip_range)
-            if not method.startswith("apex"):  # same-epoch aggregation
-                bal.update(gram=M)
-                A, stats = bal.advantages(R, gid)
+        # advantages -> Gram -> update -> advantages (grad.sequence): same-epoch for the aggregators,
+        # lagged for APEX (its Gram feeds the conflict penalty after training)
+        measure = (lambda Ahat: per_objective_gram(policy, z, e, old_lp, Ahat, clip_range)) if bal.wants_gram else None
+        adv = epoch_advantages(bal, R, gid, measure, same_epoch=not method.startswith("apex"))
+        A, stats = adv.A, adv.stats
         for _ in range(inner):
             out = grpo_loss(policy.log_prob(z, e), old_lp, A, clip_range=clip_range, mean=policy.mean(e),
                             ref_mean=ref.mean(e).detach(), step_std=torch.full((e.shape[0],), policy.sigma),
@@ -191,10 +190,9 @@ def run(method: str, seed: int, epochs: int, eval_every: int, lr: float = 0.005,
             opt.zero_grad()
             out.loss.backward()
             opt.step()
-        if method in ("static", "gdpo", "apex", "apex+gram", "apex-noP3"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                bal.update(gram=M)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            commit_epoch(bal, adv)
         hist["hijack_ocr"].append(stats["hijack_share/ocr"])
         hist["effective_ocr"].append(stats["effective_share/ocr"])
         hist["priority"].append([stats[f"priority/{n}"] for n in NAMES])

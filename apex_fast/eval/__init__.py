@@ -1,0 +1,1 @@
+"""Evaluation: held-out sampling and scoring (evaluator.py)."""

@@ -1,0 +1,59 @@
+"""The one place that names the logged metrics (metrics.csv columns, TensorBoard tags). Balancer
+diagnostics (hijack_share/, effective_share/, priority/, L/, C/, N/, cos/, ...) are named by
+balance/base.py; everything the training loop itself logs is built here."""
+from __future__ import annotations
+
+import torch
+
+from .ops import group_stats
+
+# per optimizer step / trained timestep of a GRPO epoch, averaged over the epoch (and ranks)
+GRPO_STEP_STATS = ("clipfrac", "approx_kl", "kl", "policy_loss", "grad_norm")
+
+
+def eval_key(name: str) -> str:
+    return f"eval/{name}"
+
+
+def eval_metrics(means: dict[str, float]) -> dict[str, float]:
+    """``eval/<reward>``: mean reward per objective on the held-out prompts (ODE sampler)."""
+    return {eval_key(n): v for n, v in means.items()}
+
+
+def reward_key(name: str, stat: str = "mean") -> str:
+    return f"reward/{name}/{stat}"
+
+
+def reward_metrics(R: torch.Tensor, group_ids: torch.Tensor, names: list[str], timings: dict) -> dict[str, float]:
+    """Per objective k of the epoch's rewards R [N, K] (NaN = failed): ``reward/<k>/{mean,std,nan_count}``,
+    ``zero_std_ratio/<k>`` (share of groups whose rewards are all equal) and ``time/reward/<k>``."""
+    out = {}
+    _, count, _, std = group_stats(R, group_ids)
+    for k, n in enumerate(names):
+        col = R[:, k]
+        ok = torch.isfinite(col)
+        out[reward_key(n, "mean")] = float(col[ok].mean()) if ok.any() else float("nan")
+        out[reward_key(n, "std")] = float(col[ok].std(unbiased=False)) if ok.any() else float("nan")
+        out[reward_key(n, "nan_count")] = float((~ok).sum())
+        out[f"zero_std_ratio/{n}"] = float(((std[:, k] == 0) & (count[:, k] > 0)).float().mean())
+        out[f"time/reward/{n}"] = timings.get(n, 0.0)
+    return out
+
+
+def advantage_metrics(A: torch.Tensor, group_ids: torch.Tensor) -> dict[str, float]:
+    """``zero_std_ratio``: share of groups whose trained advantages are all 0 (no learning signal)."""
+    adv_groups = torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, (A != 0).float())
+    return {"zero_std_ratio": float((adv_groups == 0).float().mean())}
+
+
+def timing_metrics(sample_s: float, reward_s: float, train_s: float) -> dict[str, float]:
+    return {
+        "time/sample": sample_s,  # sampling + decoding, and the wait for the last scoring batch
+        "time/reward": reward_s,  # scorer time, overlapped with sampling
+        "time/train": train_s,
+    }
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """Only the loggable (int/float) entries."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
