@@ -1,14 +1,23 @@
 """apex_fast.ops: every op, every backend (torch reference, C++ extension, Triton) against the
 reference (docs/SPEC.md 1, 3, 5), odd shapes, low precision, bad input, dispatch.
 
-Triton kernels run on the CPU through the Triton interpreter: TRITON_INTERPRET=1 is set here before
-anything imports triton (the kernels module is imported lazily by the ops).
+Device: APEX_FAST_TEST_DEVICE=cpu|cuda (default: cuda when visible, else cpu). On cuda the torch and
+Triton backends run on the GPU (Triton compiled), the extension's CPU kernels on the CPU and its CUDA
+kernel (weighted_grads) on the GPU as the extra backend ``cpp_cuda``; bench/gpu_suite.sh runs this
+module that way. On cpu, Triton kernels run through the Triton interpreter: TRITON_INTERPRET=1 is set
+here before anything imports triton (the kernels module is imported lazily by the ops).
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+DEV = os.environ.get("APEX_FAST_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEV not in ("cpu", "cuda"):
+    raise RuntimeError(f"APEX_FAST_TEST_DEVICE={DEV!r}: choose cpu or cuda")
+if DEV == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("APEX_FAST_TEST_DEVICE=cuda but torch sees no CUDA device (torch "
+                     f"{torch.__version__}, built with CUDA {torch.version.cuda}); unset it to test on the CPU")
+if DEV == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
@@ -23,7 +32,6 @@ from apex_fast.ops import reference as ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _backend_param(name):
@@ -33,6 +41,9 @@ def _backend_param(name):
                                              f"`pip install -e . --no-build-isolation`): {_backend.cpp_error()}"))
     if name == "triton" and not _backend.triton_available():
         marks.append(pytest.mark.skip(reason="triton is not installed"))
+    if name == "cpp_cuda" and not (DEV == "cuda" and _backend.cpp_has("weighted_grads", torch.device("cuda"))):
+        marks.append(pytest.mark.skip(reason="the extension's CUDA kernels: needs APEX_FAST_TEST_DEVICE=cuda and "
+                                             "apex_fast._C built where torch has CUDA"))
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -50,7 +61,7 @@ def _one_thread():
 @pytest.fixture
 def backend(request, monkeypatch):
     name = request.param
-    monkeypatch.setenv("APEX_FAST_BACKEND", name)
+    monkeypatch.setenv("APEX_FAST_BACKEND", "cpp" if name == "cpp_cuda" else name)
     if name == "triton" and DEV == "cpu":
         k = _backend.triton_kernels("gram")
         if type(k.gram_partial_kernel).__name__ != "InterpretedFunction":
@@ -59,8 +70,9 @@ def backend(request, monkeypatch):
 
 
 def _dev(name):
-    # the C++ extension's kernels here are CPU ones; Triton runs on CUDA or in the interpreter on CPU
-    return "cpu" if name == "cpp" else DEV
+    # "cpp": the extension's CPU kernels; "cpp_cuda": its CUDA kernels; torch and Triton run on DEV
+    # (Triton on CUDA, or in the interpreter on CPU)
+    return {"cpp": "cpu", "cpp_cuda": "cuda"}.get(name, DEV)
 
 
 def rewards(N, K, G, *, nan_frac=0.1, seed=0, dtype=torch.float32, dev="cpu"):
@@ -310,14 +322,18 @@ WG_CASES = [  # M, out, in, K
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"], indirect=True)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"] + [_backend_param("cpp_cuda")],
+                         indirect=True)
 @pytest.mark.parametrize("M,O,I,K", WG_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_weighted_grads(backend, M, O, I, K, dtype):
     g = torch.Generator().manual_seed(M + O)
     d, a = torch.randn(M, O, generator=g).to(dtype), torch.randn(M, I, generator=g).to(dtype)
     W = torch.randn(M, K, generator=g)
-    G = ops.weighted_grads(d, a, W)
+    dev = _dev(backend)
+    G = ops.weighted_grads(d.to(dev), a.to(dev), W.to(dev))
+    assert G.device.type == dev and ops.choose("weighted_grads", G.device) == ("cpp" if backend == "cpp_cuda" else backend)
+    G = G.cpu()
     Gr = ref.weighted_grads(d, a, W)
     assert G.shape == (K, O, I) and G.dtype == dtype
     scale = Gr.double().abs().max().clamp_min(1e-6)
