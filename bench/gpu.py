@@ -219,6 +219,12 @@ try:
                                 timeout=10).stdout.strip() or None
 except Exception:
     out["git"] = None
+import hashlib, pathlib
+h = hashlib.sha256()  # the device's copy of the tree has no .git: a hash of the sources says which tree ran
+for f in sorted(p for d in ("apex_fast", "bench", "kernels", "csrc", "tests", "configs") for p in pathlib.Path(d).rglob("*")
+                if p.suffix in (".py", ".cpp", ".cu", ".h", ".yaml", ".json", ".sh") and "results" not in p.parts):
+    h.update(str(f).encode()); h.update(f.read_bytes())
+out["source_sha256"] = h.hexdigest()[:16]
 try:
     from apex_fast import ops
     out["backends"] = ops.available_backends()
@@ -259,6 +265,22 @@ def parse_junit(path):
             skips[why] = skips.get(why, 0) + 1
     n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
     return {"counts": n, "failed": failed[:50], "skip_reasons": skips}
+
+
+def parse_pytest_log(path):
+    """Counts from ``pytest -v`` lines (``... PASSED``, ``[gw1] FAILED ...``) of a run cut short."""
+    n = {"passed": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed = []
+    for line in tail(path, 100000):
+        m = re.search(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", line)
+        if not m or "::" not in line:
+            continue
+        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failures", "ERROR": "errors"}.get(m.group(1), "skipped")
+        n[key] += 1
+        if key in ("failures", "errors"):
+            failed.append(line.strip()[:200])
+    n["tests"] = sum(n.values())
+    return {"counts": n, "failed": failed[:50], "note": "counted from the log: the run ended before its junit report"}
 
 
 def _t(r):
@@ -335,7 +357,7 @@ class Suite:
     def header(self):
         """Device name, versions and command: every result file of this run carries them."""
         keys = ("device", "device_slug", "capability", "gpu_memory_GiB", "driver", "python", "torch", "cuda_runtime",
-                "triton", "diffusers", "transformers", "peft", "accelerate", "numpy", "git", "backends")
+                "triton", "diffusers", "transformers", "peft", "accelerate", "numpy", "git", "source_sha256", "backends")
         return {"device": self.info.get("device", self.device), "device_type": self.device,
                 "versions": {k: self.info.get(k) for k in keys if k not in ("device", "device_slug", "backends")},
                 "backends": self.info.get("backends"), "suite_command": self.command, "dry_run": self.dry,
@@ -434,7 +456,8 @@ class Suite:
     def part_ops_tests(self, bound):
         junit = self.logs / "ops_tests_junit.xml"
         junit.unlink(missing_ok=True)
-        cmd = [PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/test_ops.py", f"--junitxml={junit}"]
+        # -v: one line per test, so a run killed at its bound still tells what passed (no junit then)
+        cmd = [PY, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "tests/test_ops.py", f"--junitxml={junit}"]
         env = dict(self.env, APEX_FAST_TEST_DEVICE="cpu" if self.device == "cpu" else "cuda")
         if self.dry:
             cmd += ["-k", self.DRY_TESTS]
@@ -444,6 +467,8 @@ class Suite:
         out = dict(r, status=_status(r), command=shlex.join(cmd), env={"APEX_FAST_TEST_DEVICE": env["APEX_FAST_TEST_DEVICE"]})
         if junit.exists():
             out.update(parse_junit(junit))
+        else:
+            out.update(parse_pytest_log(self.log("ops_tests")))
         if r["rc"] == 5:  # pytest: no tests collected
             out["status"] = "failed"
         res = dict(self.header(), part="ops_tests", **out)
@@ -786,7 +811,7 @@ def run_suite(args):
     return 1 if bad else 0
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-dry-run", action="store_true", help="the same suite on CPU: tiny sizes, Triton interpreted")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --cpu-dry-run)")
@@ -804,7 +829,11 @@ def main(argv=None):
     ap.add_argument("--part", choices=["train"], default=None, help=argparse.SUPPRESS)  # a part's own process
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny-train", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     unknown = set(args.only.split(",")) - {p.name for p in PARTS}
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(p.name for p in PARTS)}")
