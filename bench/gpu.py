@@ -87,7 +87,7 @@ PARTS = [
     Part("setup", 150, 60, 120),
     Part("ops_tests", 100, 45, 150),
     Part("ops_bench", 170, 80, 150),
-    Part("grad", 120, 60, 150),
+    Part("grad", 150, 60, 150),
     Part("train", 75, 40, 150),
 ]
 
@@ -324,10 +324,10 @@ def summarize_grad(d):
                 walk(v, f"{prefix}{k}/" if prefix or isinstance(v, dict) else f"{k}/")
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
             key = prefix.rstrip("/")
-            if re.search(r"ratio|peak|mem|_s$|time|ms$", key, re.I) and len(s) < 60:
+            if re.search(r"ratio|peak|memory|second|_s$|_ms$|_MiB$", key, re.I) and len(s) < 60:
                 s[key] = x
 
-    walk({k: v for k, v in d.items() if k not in ("suite", "versions", "env")}, "")
+    walk({k: v for k, v in d.items() if k not in ("suite", "versions", "env", "meta")}, "")
     return s
 
 
@@ -550,6 +550,17 @@ class Suite:
             if opt in opts:
                 args += [opt, "4"]
                 break
+        # fewer timed steps than its defaults, to fit the budget: a bf16 SD3.5-Medium step is about a
+        # second, so 3 repeats of every mode after 1 warm-up take about a minute; the dry run checks the
+        # code path only (and skips per-mode memory processes)
+        for opt in ("--repeats", "--reps", "--iters", "--steps"):
+            if opt in opts:
+                args += [opt, "1" if self.dry else "3"]
+                break
+        if "--warmup" in opts:
+            args += ["--warmup", "1"]
+        if self.dry:
+            args += [o for o in ("--quick", "--no-memory") if o in opts]
         if "--out" in opts:
             args += ["--out", str(path)]
         return base + args, None
@@ -764,6 +775,8 @@ def run_suite(args):
     print(f"GPU suite{' (CPU dry run)' if s.dry else ''}: parts {', '.join(p.name for p in s.parts)}; "
           f"budget {args.budget_s:.0f} s; logs in {s.logs}", flush=True)
     if "setup" not in [p.name for p in s.parts]:
+        if not s.dry and Path(args.site_dir).is_dir():  # wheels installed by an earlier run on this machine
+            s.env["PYTHONPATH"] = os.pathsep.join([args.site_dir, s.env["PYTHONPATH"]])
         s.info = probe(s.device, s.env, s.log("setup"))
         s.slug = s.info.get("device_slug", s.slug)
     for part in s.parts:

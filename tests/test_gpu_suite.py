@@ -75,7 +75,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
 ap.add_argument("--model", choices=["tiny", "sd35-medium"], default="tiny")
-ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--K", type=int, default=4)
+ap.add_argument("--repeats", type=int, default=None)
+ap.add_argument("--warmup", type=int, default=2)
+ap.add_argument("--no-memory", action="store_true")
 ap.add_argument("--out", default=None)
 ap.parse_args()
 '''
@@ -90,11 +93,13 @@ def test_grad_command_is_read_off_bench_grads_help(tmp_path, dry, monkeypatch):
     cmd, err = s.grad_command(tmp_path / "g.json", base=[sys.executable, str(script)])
     assert err is None
     args = cmd[2:]
-    want = (["--device", "cpu", "--dtype", "fp32", "--model", "tiny"] if dry
-            else ["--device", "cuda", "--dtype", "bf16", "--model", "sd35-medium"])
+    want = (["--device", "cpu", "--dtype", "fp32", "--model", "tiny", "--K", "4", "--repeats", "1", "--warmup", "1",
+             "--no-memory"] if dry
+            else ["--device", "cuda", "--dtype", "bf16", "--model", "sd35-medium", "--K", "4", "--repeats", "3",
+                  "--warmup", "1"])
     assert args == want + ["--out", str(tmp_path / "g.json")]
-    monkeypatch.setenv("APEX_FAST_GPU_GRAD_ARGS", "--model sd35-medium --steps 1")
-    assert s.grad_command(tmp_path / "g.json", base=["x"])[0] == ["x", "--model", "sd35-medium", "--steps", "1"]
+    monkeypatch.setenv("APEX_FAST_GPU_GRAD_ARGS", "--model sd35-medium --repeats 1")
+    assert s.grad_command(tmp_path / "g.json", base=["x"])[0] == ["x", "--model", "sd35-medium", "--repeats", "1"]
 
 
 def test_goals_met_missed_not_measured():
