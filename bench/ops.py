@@ -594,7 +594,7 @@ def plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("groupnorm", "gram", "wgrad") if k in out]
+    panels = [k for k in ("groupnorm", "gram_list", "gram", "wgrad") if k in out]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "groupnorm":
@@ -615,11 +615,22 @@ def plot(out, path):
                 ys = [r["providers"].get(p, {}).get("GBps_total", np.nan) for r in out[key]]
                 ax.plot(xs, ys, "o-", label=p)
             bw = out["bandwidth"]
-            ax.axhline(bw["read_GBps"], color="k", ls="--", lw=1, label="read BW (measured)")
-            ax.axhline(0.6 * bw["read_GBps"], color="gray", ls=":", lw=1, label="60% read BW")
+            ax.axhline(bw["copy_GBps"], color="k", ls="--", lw=1, label="copy BW (measured)")
+            ax.axhline(0.85 * bw["copy_GBps"], color="gray", ls=":", lw=1, label="85% copy BW (goal)")
             ax.set_xlabel("log2 P")
             ax.set_ylabel("GB/s (gram + combine bytes / time)")
-            ax.set_title("gram + combine, K = 4, fp32")
+            ax.set_title("gram + combine, K = 4, fp32, one [K, P] tensor")
+        elif key == "gram_list":
+            gl = out[key]
+            provs = [p for p in ("ours", "eager_cat", "eager_per_block", "torch_compile") if "GBps_total" in gl["providers"].get(p, {})]
+            ys = [gl["providers"][p]["GBps_total"] for p in provs]
+            ax.bar(np.arange(len(provs)), ys, 0.6, color=[f"C{i}" for i in range(len(provs))])
+            ax.set_xticks(np.arange(len(provs)), [p.replace("_", "\n", 1) for p in provs], fontsize=8)
+            bw = out["bandwidth"]
+            ax.axhline(bw["copy_GBps"], color="k", ls="--", lw=1, label="copy BW (measured)")
+            ax.axhline(0.85 * bw["copy_GBps"], color="gray", ls=":", lw=1, label="85% copy BW (goal)")
+            ax.set_ylabel("GB/s (gram + combine bytes / time)")
+            ax.set_title(f"gram + combine, K = 4: {gl['n_tensors']} tensors, P = {gl['P'] / 1e6:.1f}M", fontsize=10)
         else:
             labels = [r["label"] for r in out[key]]
             x = np.arange(len(labels))
