@@ -198,7 +198,16 @@ class Trainer:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  apex-fast train --config configs/tiny_cpu.yaml --dry-run       # check everything, train nothing\n"
+               "  apex-fast train --config configs/tiny_cpu.yaml --print-config  # every field: value, default, meaning\n"
+               "  apex-fast train --config configs/tiny_cpu.yaml --set balance.method=apex --output-dir outputs/apex\n"
+               "  apex-fast train --config configs/tiny_cpu.yaml --resume latest # continue a run exactly\n"
+               "  deepspeed --num_gpus 8 apex_fast/train.py --config configs/sd35m_lora_zero2.yaml "
+               "--deepspeed configs/ds_zero2.json\n"
+               "then evaluate the run: apex-fast eval --run <log.output_dir>")
     ap.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny_cpu.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")

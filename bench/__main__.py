@@ -8,7 +8,8 @@ def main():
     here = Path(__file__).resolve().parent
     names = sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or sys.argv[1] not in names:
-        print(f"usage: python -m bench <name> [args]; available: {', '.join(names)}")
+        prog = sys.argv[0] if sys.argv[0].startswith("apex-fast") else "python -m bench"
+        print(f"usage: {prog} <name> [args]; available: {', '.join(names)}")
         sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
     name = sys.argv[1]
     sys.argv = [str(here / f"{name}.py")] + sys.argv[2:]

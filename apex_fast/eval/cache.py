@@ -3,7 +3,7 @@ combination, so re-running an evaluation is instant and a new checkpoint costs o
 
 Layout: ``<root>/<key>/`` with ``key.json`` (what the key hashes, readable), ``images/NNNNN.png``
 (uint8, lossless: re-scoring them gives the scores the sampler's images gave) and ``scores.json``
-(``{reward key: [score or null]}``). Weights enter the key by content (sha256 of the LoRA file), so
+(``{reward key: [score or null]}``). Weights enter the key by content (sha256 of the LoRA's tensors and metadata), so
 a retrained checkpoint under the same name is never served stale results. Writes are atomic
 (temporary name + rename)."""
 from __future__ import annotations
@@ -27,6 +27,28 @@ def default_cache_dir() -> Path:
 
 def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def safetensors_digest(path: str | Path) -> str:
+    """sha256 of a safetensors file's content (tensor names, dtypes, shapes, bytes and metadata, in
+    sorted order): the file's bytes are not a stable identity, since safetensors may write the same
+    metadata in a different order each time."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k).contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -190,24 +190,31 @@ def parse_rewards(text: str):
     return specs
 
 
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
 def build_parser(prog: str = "apex-fast eval") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Evaluate a training run's checkpoints, several runs side by side, or a LoRA on held-out "
+        description=_wrap("Evaluate a training run's checkpoints, several runs side by side, or a LoRA on held-out "
                     "prompts with the ODE sampler (the same seeds, so the same initial noise, for the base model, "
                     "every checkpoint and every method). Reports each objective in the paper's units with a 95% "
                     "interval, the improvement over the base (also in base-std units), the worst-objective "
                     "improvement, the hypervolume and the Pareto front, per-scorer win rates over the base, and "
                     "writes a report folder (report.md, PNG plots, labelled image grids). Results are cached per "
-                    "(weights, prompt set, seed): a re-run is instant and a new checkpoint costs only itself.",
+                    "(weights, prompt set, seed): a re-run is instant and a new checkpoint costs only itself."),
         epilog="examples:\n"
                "  apex-fast eval --run outputs/tiny_cpu\n"
                "  apex-fast eval --run outputs/tiny_cpu_static --run outputs/tiny_cpu_apex --out outputs/compare\n"
                "  apex-fast eval --lora outputs/tiny_cpu/lora --model tiny --rewards colorfulness,contrast\n"
                "  apex-fast eval --run outputs/sd35m --rewards pickscore,aesthetic --num-prompts 64 --device cuda\n\n"
-               "Settings not given come from the (first) run's config.yaml: model, eval prompts "
-               "(data.eval_prompts, eval.num_prompts), eval.images_per_prompt, eval.seed, eval.num_steps, "
-               "sample.guidance_scale, and its rewards.")
+               + _wrap("Settings not given come from the (first) run's config.yaml: model, eval prompts "
+                       "(data.eval_prompts, eval.num_prompts), eval.images_per_prompt, eval.seed, eval.num_steps, "
+                       "sample.guidance_scale, and its rewards. The base model's scores equal the run's own "
+                       "start-of-training eval (same items, same noise)."))
     src = ap.add_argument_group("what to evaluate")
     src.add_argument("--run", action="append", default=[], metavar="DIR",
                      help="training run folder (its log.output_dir); repeat to compare runs (methods) side by side")
@@ -253,13 +260,21 @@ def settings_from_args(args, runs: list[Run]) -> EvalSettings:
         if args.model and args.model != cfg.model.pretrained:
             raise EvalError(f"--model {args.model}: the run was trained from {cfg.model.pretrained!r}; drop --model")
     else:
-        try:
-            cfg = load_config(args.config, [f"model.pretrained={args.model}"] if args.model else [])
-        except ConfigError as e:
-            raise EvalError(f"--config: {e}") from None
         if not args.model and not args.config:
             raise EvalError("--lora needs --model (tiny, a hub id or a local folder: the base the LoRA was trained on) "
                             "or --config")
+        if not args.config and not args.rewards:
+            raise EvalError("--lora without a run needs --rewards (e.g. --rewards pickscore,aesthetic) or --config")
+        overrides = [f"model.pretrained={args.model}"] if args.model else []
+        try:
+            if args.config:
+                cfg = load_config(args.config, overrides)
+            else:  # the defaults name no reward, so they do not validate: --rewards supplies them
+                from apex_fast.config_doc import load_unvalidated
+
+                cfg = load_unvalidated(None, overrides)
+        except ConfigError as e:
+            raise EvalError(f"--config: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         s = EvalSettings.from_config(cfg, prompt_source=args.prompts, num_prompts=args.num_prompts,
@@ -275,8 +290,6 @@ def settings_from_args(args, runs: list[Run]) -> EvalSettings:
                 log.warning("run %s was trained with rewards %s; all runs are scored with %s (the first run's; "
                             "choose with --rewards)", r.label, [x.name for x in r.config.rewards],
                             [x.name for x in s.rewards])
-    elif not args.config:
-        raise EvalError("--lora without a run needs --rewards (e.g. --rewards pickscore,aesthetic) or --config")
     for name, v, lo in (("--num-prompts", args.num_prompts, 1), ("--images-per-prompt", args.images_per_prompt, 1),
                         ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1), ("--grid-prompts", args.grid_prompts, 0)):
         if v is not None and v < lo:

@@ -135,10 +135,10 @@ class LoraWeights(Weights):
         self._digest = None
 
     def identity(self) -> dict:
-        from .cache import file_digest
+        from .cache import safetensors_digest
 
         if self._digest is None:
-            self._digest = file_digest(self.file)
+            self._digest = safetensors_digest(self.file)
         return {"kind": "lora", "sha256": self._digest}
 
     def check(self, pipe) -> None:

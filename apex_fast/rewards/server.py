@@ -245,15 +245,25 @@ def make_server(scorer, scorer_name: str, host: str = "127.0.0.1", port: int = 0
     return srv
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apex_fast.rewards.server", description=__doc__.split("\n")[0])
-    ap.add_argument("--scorer", required=True, help="registered reward name (apex_fast.rewards.available_scorers())")
-    ap.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for make_scorer")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8765, help="0: any free port (printed on stdout)")
-    ap.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB)
-    ap.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES)
-    ap.add_argument("--log-level", default="INFO")
+def main(argv=None, prog: str = "python -m apex_fast.rewards.server") -> int:
+    ap = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0].rstrip(".") + ". Run a scorer whose dependencies clash with training (e.g. DeQA) in "
+                    "its own process or environment; the trainer calls it through the `remote` reward.",
+        epilog="example:\n"
+               f"  {prog} --scorer deqa --kwargs '{{\"device\": \"cuda\"}}' --port 8765\n"
+               "then in the training config:\n"
+               "  rewards: [{name: remote, args: {url: \"http://127.0.0.1:8765\", name: deqa, timeout: 120, retries: 2}}]\n"
+               "endpoints: GET /health, POST /score")
+    ap.add_argument("--scorer", required=True, help="registered reward name, e.g. deqa, pickscore, aesthetic, ocr "
+                                                    "(apex_fast.rewards.available_scorers())")
+    ap.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the scorer, e.g. "
+                                                   "'{\"device\": \"cuda\", \"model_path\": \"/models/deqa\"}'")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port, printed on stdout)")
+    ap.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB, help="largest accepted request body")
+    ap.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images in one request")
+    ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
