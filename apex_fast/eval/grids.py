@@ -51,17 +51,17 @@ def save_labelled_grid(cells: Sequence[Sequence[np.ndarray | None]], path: str |
     cell = float(np.clip(side / 100, 1.3, 3.0))  # inches; small images are shown enlarged (nearest)
     note_lines = max((n.count("\n") + 1 for row in (notes or []) for n in row if n), default=0)
     note_h = 0.16 * note_lines + (0.06 if note_lines else 0)
-    label_w, gap = 2.3, 0.12
+    label_w, gap = (2.3 if any(row_labels) else 0.15), 0.12
     col_wrap = max(8, int(cell * 11))
     wrapped_cols = [_wrap(c, col_wrap, 2) for c in col_labels]
-    header_h = 0.2 + 0.17 * max(c.count("\n") + 1 for c in wrapped_cols)
-    title_h = 0.45 if title else 0.1
+    header_h = 0.2 + 0.17 * max(c.count("\n") + 1 for c in wrapped_cols) if any(col_labels) else 0.05
     W = label_w + C * (cell + gap) + 0.15
+    title_text = _wrap(title, max(30, int(W * 10)), 3) if title else ""
+    title_h = 0.2 + 0.19 * (title_text.count("\n") + 1) if title else 0.1
     H = title_h + header_h + R * (cell + note_h + gap) + 0.1
     fig = plt.figure(figsize=(W, H))
     if title:
-        fig.text(0.5, 1 - 0.22 / H, _wrap(title, int(W * 13), 2), ha="center", va="center", fontsize=10,
-                 fontweight="bold")
+        fig.text(0.5, 1 - (title_h / 2) / H, title_text, ha="center", va="center", fontsize=10, fontweight="bold")
     fig.text(0.08 / W, 1 - (title_h + header_h / 2) / H, row_header, ha="left", va="center", fontsize=8,
              style="italic", color="0.35")
     for c, lab in enumerate(wrapped_cols):
@@ -103,10 +103,19 @@ def save_prompt_grid(images, prompts: Sequence[str], path: str | Path, *, title:
     for im, p in zip(arr, prompts):
         rows.setdefault(p, []).append(im)
     C = max(len(v) for v in rows.values())
-    cells = [v + [None] * (C - len(v)) for v in rows.values()]
-    labels = [f"{i + 1}. {p}" for i, p in enumerate(rows)]
-    png = save_labelled_grid(cells, path, row_labels=labels, col_labels=[f"{col_prefix} {c + 1}" for c in range(C)],
-                             title=title)
+    if C == 1 and len(rows) > 4:  # one image per prompt: a compact grid, each image over its numbered prompt
+        ims, cols = [v[0] for v in rows.values()], 4
+        cells = [ims[i:i + cols] for i in range(0, len(ims), cols)]
+        cells[-1] += [None] * (cols - len(cells[-1]))
+        notes = [[_wrap(f"{i + 1}. {p}", 24, 3) for i, p in enumerate(rows)][j:j + cols] for j in range(0, len(ims), cols)]
+        notes[-1] += [""] * (cols - len(notes[-1]))
+        png = save_labelled_grid(cells, path, row_labels=[""] * len(cells), col_labels=[""] * cols, notes=notes,
+                                 title=title, row_header="")
+    else:
+        cells = [v + [None] * (C - len(v)) for v in rows.values()]
+        labels = [f"{i + 1}. {p}" for i, p in enumerate(rows)]
+        png = save_labelled_grid(cells, path, row_labels=labels,
+                                 col_labels=[f"{col_prefix} {c + 1}" for c in range(C)], title=title)
     txt = png.with_suffix(".txt")
     head = f"# {title}\n" if title else ""
     txt.write_text(head + "".join(f"{i + 1}\t{p}\n" for i, p in enumerate(rows)), encoding="utf-8")
