@@ -43,14 +43,31 @@ def _signed(x: float, digits: int = 2) -> str:
 # ------------------------------------------------------------------ tables
 
 
+def decimals(result) -> list[int]:
+    """Decimals per objective: enough for two significant digits of the base model's std (so a
+    contrast of 0.118 ± 0.006 and a colorfulness of 101.9 ± 7.4 both read well)."""
+    out = []
+    for iv in result.metrics["base"].mean:
+        scale = iv.std if np.isfinite(iv.std) and iv.std > 0 else (abs(iv.mean) if np.isfinite(iv.mean) else 1.0)
+        out.append(int(np.clip(1 - math.floor(math.log10(scale)) if scale > 0 else 3, 1, 6)))
+    return out
+
+
+def _iv(iv, d: int, signed: bool = False) -> str:
+    if iv.n == 0:
+        return "n/a"
+    return f"{iv.mean:{'+' if signed else ''}.{d}f} ± {iv.half_width:.{d}f}"
+
+
 def summary_tables(result) -> dict[str, str]:
     names, units = result.names, result.units
+    dec = decimals(result)
     head = "| model | " + " | ".join(f"{n} ({u.label})" for n, u in zip(names, units)) + " |"
     sep = "|---|" + "---|" * len(names)
     scores = [head, sep]
     for m in result.models:
         mm = result.metrics[m.label]
-        scores.append(f"| {m.label} | " + " | ".join(iv.format() for iv in mm.mean) + " |")
+        scores.append(f"| {m.label} | " + " | ".join(_iv(iv, d) for iv, d in zip(mm.mean, dec)) + " |")
     head2 = ("| model | " + " | ".join(f"Δ {n}" for n in names) + " | " + " | ".join(f"{n} (σ)" for n in names)
              + " | worst (σ) | HV | Pareto |")
     imp = [head2, "|---|" + "---|" * (2 * len(names) + 3)]
@@ -58,7 +75,7 @@ def summary_tables(result) -> dict[str, str]:
         mm = result.metrics[m.label]
         front = ("all" if mm.on_front else "") + (", run" if mm.on_run_front and mm.on_front else
                                                   ("run" if mm.on_run_front else ""))
-        imp.append(f"| {m.label} | " + " | ".join(f"{d.mean:+.3f} ± {d.half_width:.3f}" if d.n else "n/a" for d in mm.delta)
+        imp.append(f"| {m.label} | " + " | ".join(_iv(iv, d, signed=True) for iv, d in zip(mm.delta, dec))
                    + " | " + " | ".join(_signed(x) for x in mm.std_units)
                    + f" | {_signed(mm.worst)} | {_fmt(mm.hypervolume)} | {front or '-'} |")
     wins = ["| model | " + " | ".join(names) + " | consensus |", "|---|" + "---|" * (len(names) + 1)]
@@ -72,7 +89,8 @@ def summary_tables(result) -> dict[str, str]:
     out = {"scores": "\n".join(scores), "improvements": "\n".join(imp), "wins": "\n".join(wins)}
     if len(result.runs) > 1:
         rows = ["| run (method) | last checkpoint | " + " | ".join(f"{n} (σ)" for n in names)
-                + " | worst (σ) | HV of its checkpoints | on the joint front |", "|---|---|" + "---|" * (len(names) + 3)]
+                + " | worst (σ) | best checkpoint by worst (σ) | HV of its checkpoints | on the joint front |",
+                "|---|---|" + "---|" * (len(names) + 4)]
         for run in result.runs:
             mine = [m for m in result.models if m.run == run.label]
             if not mine:
@@ -80,8 +98,10 @@ def summary_tables(result) -> dict[str, str]:
             last = result.metrics[mine[-1].label]
             n_front = sum(result.metrics[m.label].on_front for m in mine)
             method = getattr(getattr(run.config, "balance", None), "method", "?")
+            best = max(mine, key=lambda m: -np.inf if np.isnan(result.metrics[m.label].worst) else result.metrics[m.label].worst)
             rows.append(f"| {run.label} ({method}) | epoch {mine[-1].epoch} | " + " | ".join(_signed(x) for x in last.std_units)
-                        + f" | {_signed(last.worst)} | {_fmt(result.run_hypervolume.get(run.label, float('nan')))} | "
+                        + f" | {_signed(last.worst)} | epoch {best.epoch}: {_signed(result.metrics[best.label].worst)} | "
+                        f"{_fmt(result.run_hypervolume.get(run.label, float('nan')))} | "
                         f"{n_front} of {len(mine)} |")
         out["runs"] = "\n".join(rows)
     return out
@@ -92,11 +112,12 @@ def console_table(result) -> str:
     names = result.names
     w = max(12, max(len(m.label) for m in result.models) + 1)
     col = max(16, max(len(n) for n in names) + 2)
+    dec = decimals(result)
     lines = [f"{'model':<{w}}" + "".join(f"{n:>{col}}" for n in names) + f"{'worst (σ)':>11}{'HV':>9}"]
     lines.append("-" * len(lines[0]))
     for m in result.models:
         mm = result.metrics[m.label]
-        cells = "".join(f"{iv.format():>{col}}" for iv in mm.mean)
+        cells = "".join(f"{_iv(iv, d):>{col}}" for iv, d in zip(mm.mean, dec))
         extra = "" if m is result.base else f"{_signed(mm.worst):>11}{_fmt(mm.hypervolume):>9}"
         lines.append(f"{m.label:<{w}}{cells}{extra}")
     units = ", ".join(f"{n}: {u.label}" for n, u in zip(names, result.units))
@@ -354,22 +375,23 @@ def write_report(result, out_dir: str | Path, grid_prompts: int = 4) -> dict:
     s = result.settings
     tables = summary_tables(result)
     figs = {}
-    figs["objectives"] = plot_objectives(result, out / "objectives.png")
-    figs["balancing"] = plot_training_diagnostics(result, out / "balancing.png")
-    figs["pareto"] = plot_pareto(result, out / "pareto.png")
-    figs["cosines"] = plot_cosines(result, out / "gradient_cosines.png")
+    figs["Per-objective scores over training"] = plot_objectives(result, out / "objectives.png")
+    figs["Priorities, hijack share and effective share over training"] = plot_training_diagnostics(
+        result, out / "balancing.png")
+    figs["Pareto front of the checkpoints"] = plot_pareto(result, out / "pareto.png")
+    figs["Cosines of the per-objective gradients"] = plot_cosines(result, out / "gradient_cosines.png")
     grids = {}
     if grid_prompts > 0:
         for run in result.runs:
             mine = [m for m in result.models if m.run == run.label]
             slug = run.label.replace("/", "-")
-            grids[f"checkpoints of {run.label}"] = image_grid(
+            grids[f"Images: base model vs the checkpoints of {run.label}"] = image_grid(
                 result, [result.base] + _pick(mine, 6), out / f"grid_{slug}.png",
                 f"{run.label}: base model vs checkpoints (same prompt, same seed; scores in paper units)", grid_prompts)
         finals = [[m for m in result.models if m.run == r.label][-1] for r in result.runs]
         finals += [m for m in result.models[1:] if m.run is None]
         if len(finals) > 1 or not result.runs:
-            grids["methods"] = image_grid(result, [result.base] + finals, out / "grid_methods.png",
+            grids["Images: base model vs " + ("each run's last checkpoint" if result.runs else "the LoRA")] = image_grid(result, [result.base] + finals, out / "grid_methods.png",
                                           "base model vs " + ("the last checkpoint of each run" if result.runs else "LoRA")
                                           + " (same prompt, same seed; scores in paper units)", grid_prompts)
     what = (", ".join(f"`{r.dir}` ({r.config.balance.method}, {len([m for m in result.models if m.run == r.label])} "
@@ -392,7 +414,7 @@ def write_report(result, out_dir: str | Path, grid_prompts: int = 4) -> dict:
     if pics:
         md += ["## Figures", ""]
         for k, v in pics:
-            md += [f"### {k}", "", f"![{k}]({Path(v).name})", ""]
+            md += [f"### {k}", "", f"![{Path(v).stem}]({Path(v).name})", ""]
     md += [MEANING]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results_dict(result), indent=1, default=float), encoding="utf-8")
