@@ -209,3 +209,18 @@ def test_cli_help_print_config_and_dry_run(tmp_path, capsys):
 def test_bench_subcommand_lists_benchmarks(capsys):
     assert cli_main(["bench", "--help"]) == 0
     assert "apex-fast bench <name>" in capsys.readouterr().out
+
+
+def test_ema_flag_reproduces_the_runs_own_eval(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", FAST + ["train.ema=true", "train.ema_every=1", "train.ema_decay=0.5",
+                                                              "checkpoint.every=0", f"log.output_dir={tmp_path / 'run'}"])
+    result = Trainer(cfg).fit()
+    cache = EvalCache(tmp_path / "cache")
+    ema_run = load_run(tmp_path / "run", ema=True)
+    settings = EvalSettings.from_config(ema_run.config)
+    with_ema = evaluate([ema_run], settings=settings, cache=cache, progress=False)
+    saved = evaluate([load_run(tmp_path / "run")], settings=settings, cache=cache, progress=False)
+    end = np.array([result["end"][n] for n in NAMES])
+    assert np.allclose(with_ema.models[-1].scores.mean(0), end, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(saved.models[-1].scores, with_ema.models[-1].scores)  # the exported LoRA is not the EMA
+    assert with_ema.models[-1].entry.dir != saved.models[-1].entry.dir

@@ -29,7 +29,7 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def safetensors_digest(path: str | Path) -> str:
+def safetensors_digest(path: str | Path, keys: list[str] | None = None) -> str:
     """sha256 of a safetensors file's content (tensor names, dtypes, shapes, bytes and metadata, in
     sorted order): the file's bytes are not a stable identity, since safetensors may write the same
     metadata in a different order each time."""
@@ -37,8 +37,9 @@ def safetensors_digest(path: str | Path) -> str:
 
     h = hashlib.sha256()
     with safe_open(str(path), "pt") as f:
-        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
-        for k in sorted(f.keys()):
+        if keys is None:
+            h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for k in sorted(f.keys()) if keys is None else keys:
             t = f.get_tensor(k).contiguous()
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.view(-1).view(torch_uint8()).numpy().tobytes())

@@ -224,6 +224,9 @@ def build_parser(prog: str = "apex-fast eval") -> argparse.ArgumentParser:
                                                    "(default: the run's model.pretrained)")
     src.add_argument("--config", default=None, help="YAML config to take eval settings and rewards from (with --lora)")
     src.add_argument("--checkpoints", default="all", help="all (default), last, or epochs like 10,40")
+    src.add_argument("--ema", action="store_true",
+                     help="evaluate each checkpoint's EMA weights (what the run's own eval used, train.ema) instead "
+                          "of the LoRA file it exported")
     how = ap.add_argument_group("how to evaluate (default: the run's config)")
     how.add_argument("--rewards", default=None, help="rewards to score with: names (pickscore,aesthetic,deqa,ocr) or a "
                                                      "YAML list like the config's rewards: section")
@@ -313,7 +316,7 @@ def main(argv=None, prog: str = "apex-fast eval") -> int:
         if not args.run and not args.lora:
             raise EvalError("nothing to evaluate: give --run DIR (a training run) or --lora PATH --model ID")
         run_dirs = [Path(p) for p in args.run]
-        runs = [load_run(p, label) for p, label in zip(run_dirs, unique_labels(run_dirs))]
+        runs = [load_run(p, label, ema=args.ema) for p, label in zip(run_dirs, unique_labels(run_dirs))]
         settings = settings_from_args(args, runs)
         loras = [(Path(p).resolve().name, p) for p in args.lora]
         result = evaluate(runs, loras, settings=settings, cache=EvalCache(args.cache_dir),

@@ -30,7 +30,7 @@ class Run:
     metrics: list[dict] = field(default_factory=list)  # metrics.csv rows (floats), by epoch
 
 
-def load_run(path: str | Path, label: str | None = None) -> Run:
+def load_run(path: str | Path, label: str | None = None, ema: bool = False) -> Run:
     from apex_fast.config import ConfigError, load_config
 
     d = Path(path)
@@ -50,7 +50,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     for c in checkpoint_dirs(d / "checkpoints"):
         epoch = int(_EPOCH.search(c.name).group(1))
         if (c / LORA_FILE).is_file():
-            ckpts.append(Checkpoint(epoch, c, LoraWeights(c, label=f"epoch {epoch}")))
+            ckpts.append(Checkpoint(epoch, c, LoraWeights(c, label=f"epoch {epoch}", ema=ema)))
         elif not cfg.lora.enabled and (c / "state.safetensors").is_file():
             ckpts.append(Checkpoint(epoch, c, FullWeights(c, label=f"epoch {epoch}")))
     if not ckpts:

@@ -127,18 +127,37 @@ def lora_file(path: str | Path) -> Path:
 
 class LoraWeights(Weights):
     """A diffusers-format LoRA (``pytorch_lora_weights.safetensors``), loaded with diffusers' own
-    ``load_lora_weights`` after checking that every module it names exists with matching shapes."""
+    ``load_lora_weights`` after checking that every module it names exists with matching shapes.
 
-    def __init__(self, path: str | Path, label: str | None = None):
+    ``ema=True`` (a training checkpoint folder): the LoRA's values are then replaced by the EMA of the
+    trainable weights stored in the checkpoint's state.safetensors (``ema.<i>``, in the order of the
+    transformer's LoRA parameters), i.e. the weights the training run's own evaluation used."""
+
+    def __init__(self, path: str | Path, label: str | None = None, ema: bool = False):
         self.file = lora_file(path)
         self.label = label or Path(path).name
+        self.ema_file = self.file.parent / "state.safetensors" if ema else None
+        if ema and not self._ema_keys():
+            raise EvalError(f"--ema: {self.file.parent} holds no EMA weights (the run trained with train.ema=false, "
+                            f"or this is not a training checkpoint); drop --ema")
         self._digest = None
+
+    def _ema_keys(self) -> list[str]:
+        from safetensors import safe_open
+
+        if self.ema_file is None or not self.ema_file.is_file():
+            return []
+        with safe_open(str(self.ema_file), "pt") as f:
+            keys = [k for k in f.keys() if k.startswith("ema.") and k[4:].isdigit()]
+        return sorted(keys, key=lambda k: int(k[4:]))
 
     def identity(self) -> dict:
         from .cache import safetensors_digest
 
         if self._digest is None:
             self._digest = safetensors_digest(self.file)
+            if self.ema_file is not None:
+                self._digest += "+ema:" + safetensors_digest(self.ema_file, keys=self._ema_keys())
         return {"kind": "lora", "sha256": self._digest}
 
     def check(self, pipe) -> None:
@@ -156,9 +175,27 @@ class LoraWeights(Weights):
         finally:
             dlog.set_verbosity(level)
         try:
+            if self.ema_file is not None:
+                self._load_ema(pipe.transformer)
             yield
         finally:
             pipe.unload_lora_weights()
+
+    def _load_ema(self, transformer) -> None:
+        from safetensors import safe_open
+
+        params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+        keys = self._ema_keys()
+        if len(keys) != len(params):
+            raise EvalError(f"--ema: {self.ema_file} holds {len(keys)} EMA tensors but the LoRA has {len(params)} "
+                            f"parameters; this checkpoint's EMA does not belong to its LoRA")
+        with safe_open(str(self.ema_file), "pt") as f, torch.no_grad():
+            for k, p in zip(keys, params):
+                t = f.get_tensor(k)
+                if t.shape != p.shape:
+                    raise EvalError(f"--ema: EMA tensor {k} has shape {tuple(t.shape)}, the LoRA parameter "
+                                    f"{tuple(p.shape)}; this checkpoint's EMA does not belong to its LoRA")
+                p.copy_(t.to(p.dtype))
 
 
 class FullWeights(Weights):
