@@ -59,6 +59,7 @@ class EvalResult:
     metrics: dict = field(default_factory=dict)  # label -> ModelMetrics (the base too)
     run_hypervolume: dict = field(default_factory=dict)  # run label -> hypervolume of its checkpoints
     sampled: int = 0  # images sampled in this call (0: everything came from the cache)
+    constant: list = field(default_factory=list)  # objectives left out of worst / HV / Pareto (constant scores)
     seconds: float = 0.0
 
     @property
@@ -111,28 +112,43 @@ def collect_scores(models: list[ModelScores], settings: EvalSettings, cache: Eva
     return sampler.samples_drawn
 
 
+def constant_objectives(models: list[ModelScores]) -> list[int]:
+    """Objectives whose score is one and the same value for every model and item (e.g. OCR on a model
+    that renders no text): they carry no information and would pin the worst improvement to 0 and
+    every hypervolume to 0, so the cross-objective metrics leave them out (and say so)."""
+    allv = np.concatenate([m.scores for m in models])
+    out = []
+    for k in range(allv.shape[1]):
+        col = allv[:, k][np.isfinite(allv[:, k])]
+        if col.size and np.all(col == col[0]):
+            out.append(k)
+    return out
+
+
 def compute_metrics(result: EvalResult) -> None:
     base = result.base.scores
     K = base.shape[1]
+    result.constant = constant_objectives(result.models)
+    use = [k for k in range(K) if k not in result.constant] or list(range(K))
     for m in result.models:
         su = M.improvement_in_base_std(m.scores, base)
-        finite = np.isfinite(su)
+        finite = np.isfinite(su[use])
         result.metrics[m.label] = ModelMetrics(
             mean=[M.mean_interval(m.scores[:, k]) for k in range(K)],
             delta=[M.paired_difference_interval(m.scores[:, k], base[:, k]) for k in range(K)],
-            std_units=su, worst=M.worst_improvement(su),
-            hypervolume=M.hypervolume(su[None]) if finite.all() else float("nan"),
+            std_units=su, worst=M.worst_improvement(su[use]),
+            hypervolume=M.hypervolume(su[use][None]) if finite.all() else float("nan"),
             wins=M.win_rates(m.scores, base, result.names))
     trained = [m for m in result.models[1:]]
     if trained:
-        pts = np.stack([result.metrics[m.label].std_units for m in trained])
+        pts = np.stack([result.metrics[m.label].std_units[use] for m in trained])
         for m, on in zip(trained, M.pareto_front(pts)):
             result.metrics[m.label].on_front = bool(on)
     for run in result.runs:
         mine = [m for m in trained if m.run == run.label]
         if not mine:
             continue
-        pts = np.stack([result.metrics[m.label].std_units for m in mine])
+        pts = np.stack([result.metrics[m.label].std_units[use] for m in mine])
         for m, on in zip(mine, M.pareto_front(pts)):
             result.metrics[m.label].on_run_front = bool(on)
         ok = np.isfinite(pts).all(1)
@@ -300,12 +316,24 @@ def settings_from_args(args, runs: list[Run]) -> EvalSettings:
     return s
 
 
+def lora_label(path: str | Path) -> str:
+    """A readable name: the folder, with its run for a run's lora/ or checkpoint-N/."""
+    p = Path(path).resolve()
+    p = p.parent if p.is_file() else p
+    if p.name == "lora":
+        return f"{p.parent.name}/lora"
+    if p.name.startswith("checkpoint-") and p.name[11:].isdigit():
+        return f"{p.parent.parent.name} @{int(p.name[11:])}"
+    return p.name
+
+
 def default_out(args, runs: list[Run]) -> Path:
     if args.out:
         return Path(args.out)
     if len(runs) == 1 and not args.lora:
         return runs[0].dir / "eval"
-    names = [r.label.replace("/", "-") for r in runs] + [Path(p).resolve().name for p in args.lora]
+    names = [r.label for r in runs] + [lora_label(p) for p in args.lora]
+    names = [n.replace("/", "-").replace(" @", "-") for n in names]
     return Path("outputs") / "eval" / "_vs_".join(names)
 
 
@@ -318,7 +346,7 @@ def main(argv=None, prog: str = "apex-fast eval") -> int:
         run_dirs = [Path(p) for p in args.run]
         runs = [load_run(p, label, ema=args.ema) for p, label in zip(run_dirs, unique_labels(run_dirs))]
         settings = settings_from_args(args, runs)
-        loras = [(Path(p).resolve().name, p) for p in args.lora]
+        loras = [(lora_label(p), p) for p in args.lora]
         result = evaluate(runs, loras, settings=settings, cache=EvalCache(args.cache_dir),
                           checkpoints=args.checkpoints, progress=not args.no_progress)
         from .report import write_report

@@ -36,6 +36,10 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
+def _hv(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else ("0" if x == 0 else f"{x:.3g}")
+
+
 def _signed(x: float, digits: int = 2) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:+.{digits}f}"
 
@@ -77,7 +81,7 @@ def summary_tables(result) -> dict[str, str]:
                                                   ("run" if mm.on_run_front else ""))
         imp.append(f"| {m.label} | " + " | ".join(_iv(iv, d, signed=True) for iv, d in zip(mm.delta, dec))
                    + " | " + " | ".join(_signed(x) for x in mm.std_units)
-                   + f" | {_signed(mm.worst)} | {_fmt(mm.hypervolume)} | {front or '-'} |")
+                   + f" | {_signed(mm.worst)} | {_hv(mm.hypervolume)} | {front or '-'} |")
     wins = ["| model | " + " | ".join(names) + " | consensus |", "|---|" + "---|" * (len(names) + 1)]
     for m in result.models[1:]:
         w = result.metrics[m.label].wins
@@ -101,7 +105,7 @@ def summary_tables(result) -> dict[str, str]:
             best = max(mine, key=lambda m: -np.inf if np.isnan(result.metrics[m.label].worst) else result.metrics[m.label].worst)
             rows.append(f"| {run.label} ({method}) | epoch {mine[-1].epoch} | " + " | ".join(_signed(x) for x in last.std_units)
                         + f" | {_signed(last.worst)} | epoch {best.epoch}: {_signed(result.metrics[best.label].worst)} | "
-                        f"{_fmt(result.run_hypervolume.get(run.label, float('nan')))} | "
+                        f"{_hv(result.run_hypervolume.get(run.label, float('nan')))} | "
                         f"{n_front} of {len(mine)} |")
         out["runs"] = "\n".join(rows)
     return out
@@ -113,15 +117,17 @@ def console_table(result) -> str:
     w = max(12, max(len(m.label) for m in result.models) + 1)
     col = max(16, max(len(n) for n in names) + 2)
     dec = decimals(result)
-    lines = [f"{'model':<{w}}" + "".join(f"{n:>{col}}" for n in names) + f"{'worst (σ)':>11}{'HV':>9}"]
+    lines = [f"{'model':<{w}}" + "".join(f"{n:>{col}}" for n in names) + f"{'worst (σ)':>11}{'HV':>10}"]
     lines.append("-" * len(lines[0]))
     for m in result.models:
         mm = result.metrics[m.label]
         cells = "".join(f"{_iv(iv, d):>{col}}" for iv, d in zip(mm.mean, dec))
-        extra = "" if m is result.base else f"{_signed(mm.worst):>11}{_fmt(mm.hypervolume):>9}"
+        extra = "" if m is result.base else f"{_signed(mm.worst):>11}{_hv(mm.hypervolume):>10}"
         lines.append(f"{m.label:<{w}}{cells}{extra}")
     units = ", ".join(f"{n}: {u.label}" for n, u in zip(names, result.units))
-    return "\n".join(lines) + f"\n(mean ± 95% interval half-width; units: {units})"
+    note = "".join(f"\n{names[k]} is constant for every model and item: left out of worst (σ) and HV"
+                   for k in result.constant)
+    return "\n".join(lines) + f"\n(mean ± 95% interval half-width; units: {units}){note}"
 
 
 MEANING = """\
@@ -155,9 +161,11 @@ MEANING = """\
 def plot_objectives(result, path: Path) -> Path | None:
     plt = _plt()
     K = len(result.names)
-    cols = min(K, 4)
+    cols = 2 if K == 4 else min(K, 3)
     rows = math.ceil(K / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.4 * rows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows + 0.8), squeeze=False)
+    span = max([c.epoch for r in result.runs for c in r.checkpoints] + [1])
+    dodge = 0.012 * span  # runs' markers side by side at the same epoch
     base = result.metrics["base"]
     for k, name in enumerate(result.names):
         ax = axes[k // cols][k % cols]
@@ -168,7 +176,8 @@ def plot_objectives(result, path: Path) -> Path | None:
         if result.runs:
             for i, run in enumerate(result.runs):
                 mine = [m for m in result.models if m.run == run.label]
-                xs = [0] + [m.epoch for m in mine]
+                shift = (i - (len(result.runs) - 1) / 2) * dodge
+                xs = [0 + shift] + [m.epoch + shift for m in mine]
                 ivs = [b] + [result.metrics[m.label].mean[k] for m in mine]
                 ys = np.array([iv.mean for iv in ivs])
                 err = np.array([iv.half_width for iv in ivs])
@@ -179,7 +188,7 @@ def plot_objectives(result, path: Path) -> Path | None:
                        if key in r and np.isfinite(r[key])]
                 if pts:
                     px, py = zip(*pts)
-                    ax.plot(px, py, "-", lw=0.9, alpha=0.4, color=_COLORS[i % len(_COLORS)],
+                    ax.plot(px, py, "-", lw=0.8, alpha=0.3, color=_COLORS[i % len(_COLORS)],
                             label=f"{run.label}: training batch mean (SDE)")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -197,7 +206,8 @@ def plot_objectives(result, path: Path) -> Path | None:
         axes[k // cols][k % cols].set_axis_off()
     handles, labels = axes[0][0].get_legend_handles_labels()
     sub = "eval on held-out prompts (ODE sampler; bars: 95% interval; base: dashed line, band: its 95% interval)"
-    fig.suptitle(f"per-objective score over training\n{sub}", fontsize=10)
+    head = "per-objective score over training" if result.runs else "per-objective score of each model"
+    fig.suptitle(f"{head}\n{sub}", fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     n_leg = math.ceil(len(labels) / 4)
     fig.tight_layout(rect=(0, (0.1 + 0.2 * n_leg) / (3.4 * rows + 0.8), 1, 1))
@@ -259,7 +269,10 @@ def plot_pareto(result, path: Path) -> Path | None:
     if K < 2 or not trained:
         return None
     plt = _plt()
-    pairs = list(itertools.combinations(range(K), 2))
+    use = [k for k in range(K) if k not in result.constant]
+    if len(use) < 2:
+        return None
+    pairs = list(itertools.combinations(use, 2))
     cols = min(len(pairs), 3)
     rows = math.ceil(len(pairs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
@@ -291,7 +304,8 @@ def plot_pareto(result, path: Path) -> Path | None:
         axes[p // cols][p % cols].set_axis_off()
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle("Pareto front of checkpoints (improvement over the base in base-std units; front computed over "
-                 f"all {K} objectives,\nfront points outlined and labelled with their epoch)", fontsize=10)
+                 f"all {len(use)} informative objectives,\nfront points outlined and labelled with their epoch)",
+                 fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.09 if rows == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
@@ -407,6 +421,10 @@ def write_report(result, out_dir: str | Path, grid_prompts: int = 4) -> dict:
     if "runs" in tables:
         md += ["## Methods side by side", "", "Last checkpoint of each run, improvement over the shared base "
                "in base-std units (σ); HV over all of the run's checkpoints.", "", tables["runs"], ""]
+    if result.constant:
+        md += ["**Left out of worst / HV / Pareto**: " + ", ".join(
+            f"{result.names[k]} (the same score, {_fmt(float(result.base.scores[0, k]))}, for every model and item: "
+            f"no information)" for k in result.constant) + ".", ""]
     md += ["## Scores (mean ± 95% interval, paper units)", "", tables["scores"], "",
            "## Improvement over the base model", "", tables["improvements"], "",
            "## Win rate over the base model, per scorer", "", tables["wins"], ""]
