@@ -331,8 +331,8 @@ def plot_cosines(result, path: Path) -> Path | None:
         return None
     plt = _plt()
     K = len(runs[0][1])
-    fig, axes = plt.subplots(1, len(runs), figsize=(1.1 * K + 2.6) * np.array([len(runs), 1]) + [0, 0.4],
-                             squeeze=False)
+    side = 1.1 * K + 2.2
+    fig, axes = plt.subplots(1, len(runs), figsize=(side * len(runs) + 1.2, side), squeeze=False)
     for ax, (run, names, C) in zip(axes[0], runs):
         im = ax.imshow(C, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
@@ -343,8 +343,8 @@ def plot_cosines(result, path: Path) -> Path | None:
                     ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=8,
                             color="white" if abs(C[i, j]) > 0.6 else "black")
         ax.set_title(f"{run.label} ({run.config.balance.method})", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine")
-    fig.suptitle("cosine of per-objective policy gradients, mean over training epochs", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
+                 label="cosine of per-objective policy gradients\n(mean over the training epochs that logged it)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
