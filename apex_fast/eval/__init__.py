@@ -16,7 +16,7 @@ from .metrics import (
 )
 from .report import write_report
 from .runs import Run, load_run
-from .sampling import BaseWeights, EvalError, EvalSettings, HeldOutSampler, LoraWeights, check_lora_fits
+from .heldout import BaseWeights, EvalError, EvalSettings, HeldOutSampler, LoraWeights, check_lora_fits
 from .units import PaperUnit, paper_unit
 
 __all__ = [

@@ -19,7 +19,7 @@ import numpy as np
 from . import metrics as M
 from .cache import EvalCache, default_cache_dir
 from .runs import Run, load_run, select_checkpoints, unique_labels
-from .sampling import BaseWeights, EvalError, EvalSettings, HeldOutSampler, LoraWeights, Weights, reward_key
+from .heldout import BaseWeights, EvalError, EvalSettings, HeldOutSampler, LoraWeights, Weights, reward_key
 from .units import paper_unit
 
 log = logging.getLogger(__name__)

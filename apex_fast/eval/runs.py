@@ -9,7 +9,7 @@ from pathlib import Path
 
 from apex_fast.checkpoint import checkpoint_dirs
 
-from .sampling import LORA_FILE, EvalError, FullWeights, LoraWeights, Weights
+from .heldout import LORA_FILE, EvalError, FullWeights, LoraWeights, Weights
 
 _EPOCH = re.compile(r"checkpoint-(\d+)$")
 
