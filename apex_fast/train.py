@@ -214,6 +214,10 @@ def parse_args(argv=None):
     ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     ap.add_argument("--output-dir", default=None, help="shortcut for --set log.output_dir=...")
     ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO stage etc.)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the effective config (every field: value, default, meaning) and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check config, prompts, model, LoRA, scorers and output folder, then exit without training")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -228,10 +232,20 @@ def main(argv=None) -> dict:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.deepspeed:
         overrides.append(f"deepspeed={args.deepspeed}")
+    if args.print_config:
+        from apex_fast.config_doc import print_config
+
+        return print_config(args.config, overrides)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    if args.dry_run:
+        from apex_fast.preflight import dry_run
+
+        if not dry_run(cfg):
+            raise SystemExit(1)
+        return {}
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()

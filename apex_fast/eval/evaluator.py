@@ -12,6 +12,7 @@ import torch
 from ..rewards import score_all
 from ..rl.rollout import decode_latents, sample
 from ..sampling import generators_for
+from .grids import save_prompt_grid
 
 
 class Evaluator:
@@ -41,14 +42,17 @@ class Evaluator:
                         generators=generators_for(e.seed, "eval", indices=mine), batch_size=self.cfg.sample.batch_size)
             images = decode_latents(self.pipe.vae, ro.final)
             R = score_all(self.scorers, images, prompts, meta)
-            if rank == 0:
-                save_image_grid(images, self.out_dir / "samples" / f"eval_epoch{epoch:05d}.png")
+            if rank == 0:  # labelled by prompt; the prompts also in eval_epochNNNNN.txt beside it
+                save_prompt_grid(images, prompts, self.out_dir / "samples" / f"eval_epoch{epoch:05d}.png",
+                                 title=f"epoch {epoch}: held-out prompts, ODE {e.num_steps} steps, "
+                                       f"{'EMA weights, ' if self.cfg.train.ema else ''}seed {e.seed}")
         R = self.runtime.all_gather_rows(R)  # rank-major; item r + k*world is row r*per + k
         R = R.view(world, per, -1).transpose(0, 1).reshape(per * world, -1)[:n_items]
         return {n: float(torch.nanmean(R[:, k])) if R.numel() else float("nan") for k, n in enumerate(self.names)}
 
 
 def save_image_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
+    """An unlabelled strip of images (the trainer's grids are labelled: grids.save_prompt_grid)."""
     from PIL import Image
 
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apex_fast.distributed import seed_for
+from apex_fast.runtime import seed_for
 
 log = logging.getLogger(__name__)
 
