@@ -39,7 +39,8 @@ def dry_run(cfg, device: str | None = None) -> bool:
             json.loads(Path(cfg.deepspeed).read_text())
             good &= _report(True, "deepspeed", f"{cfg.deepspeed} is valid JSON")
         except (OSError, ValueError) as e:
-            good &= _report(False, "deepspeed", f"{cfg.deepspeed}: {e}; point --deepspeed at a JSON file like configs/ds_zero2.json")
+            good &= _report(False, "deepspeed",
+                            f"{cfg.deepspeed}: {e}; point --deepspeed at a JSON file like configs/ds_zero2.json")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = None
@@ -83,8 +84,9 @@ def dry_run(cfg, device: str | None = None) -> bool:
             if errors:
                 raise RuntimeError(errors[scorer.name if getattr(scorer, "name", None) in errors else next(iter(errors))])
             val = float(v[0, 0])
-            good &= _report(True, f"rewards[{i}] {r.name}", f"scored a test image in {time.perf_counter() - t0:.1f} s "
-                                                            f"({'NaN: unscorable, counted as failed' if val != val else f'{val:.4g}'})")
+            shown = "NaN: unscorable, counted as failed" if val != val else f"{val:.4g}"
+            good &= _report(True, f"rewards[{i}] {r.name}",
+                            f"scored a test image in {time.perf_counter() - t0:.1f} s ({shown})")
         except Exception as e:  # noqa: BLE001 - builder errors name the scorer, the path and the fix
             good &= _report(False, f"rewards[{i}] {r.name}", f"{type(e).__name__}: {e}")
 

@@ -3,9 +3,9 @@ combination, so re-running an evaluation is instant and a new checkpoint costs o
 
 Layout: ``<root>/<key>/`` with ``key.json`` (what the key hashes, readable), ``images/NNNNN.png``
 (uint8, lossless: re-scoring them gives the scores the sampler's images gave) and ``scores.json``
-(``{reward key: [score or null]}``). Weights enter the key by content (sha256 of the LoRA's tensors and metadata), so
-a retrained checkpoint under the same name is never served stale results. Writes are atomic
-(temporary name + rename)."""
+(``{reward key: [score or null]}``). Weights enter the key by content (sha256 of the LoRA's
+tensors and metadata), so a retrained checkpoint under the same name is never served stale
+results. Writes are atomic (temporary name + rename); deleting the folder clears the cache."""
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +33,7 @@ def safetensors_digest(path: str | Path, keys: list[str] | None = None) -> str:
     """sha256 of a safetensors file's content (tensor names, dtypes, shapes, bytes and metadata, in
     sorted order): the file's bytes are not a stable identity, since safetensors may write the same
     metadata in a different order each time."""
+    import torch
     from safetensors import safe_open
 
     h = hashlib.sha256()
@@ -42,22 +43,7 @@ def safetensors_digest(path: str | Path, keys: list[str] | None = None) -> str:
         for k in sorted(f.keys()) if keys is None else keys:
             t = f.get_tensor(k).contiguous()
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(torch_uint8()).numpy().tobytes())
-    return h.hexdigest()
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (LoRA files: tens of MB, a fraction of a second)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

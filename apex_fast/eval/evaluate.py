@@ -257,7 +257,8 @@ def build_parser(prog: str = "apex-fast eval") -> argparse.ArgumentParser:
     out = ap.add_argument_group("output")
     out.add_argument("--out", default=None, help="report folder (default: <run>/eval for one run, "
                                                  "outputs/eval/<a>_vs_<b> otherwise)")
-    out.add_argument("--cache-dir", default=None, help=f"evaluation cache (default: $APEX_FAST_EVAL_CACHE or {default_cache_dir()})")
+    out.add_argument("--cache-dir", default=None,
+                     help=f"evaluation cache (default: $APEX_FAST_EVAL_CACHE or {default_cache_dir()})")
     out.add_argument("--grid-prompts", type=int, default=4, help="prompts shown in the image grids (default 4)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -310,7 +311,8 @@ def settings_from_args(args, runs: list[Run]) -> EvalSettings:
                             "choose with --rewards)", r.label, [x.name for x in r.config.rewards],
                             [x.name for x in s.rewards])
     for name, v, lo in (("--num-prompts", args.num_prompts, 1), ("--images-per-prompt", args.images_per_prompt, 1),
-                        ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1), ("--grid-prompts", args.grid_prompts, 0)):
+                        ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                        ("--grid-prompts", args.grid_prompts, 0)):
         if v is not None and v < lo:
             raise EvalError(f"{name}: must be >= {lo}, got {v}")
     return s

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -335,9 +335,3 @@ class HeldOutSampler:
                     progress.update(sl.stop - sl.start)
         return np.concatenate(out)
 
-
-def settings_summary(s: EvalSettings) -> dict:
-    d = asdict(s)
-    d["prompts"] = len(s.prompts)
-    d["rewards"] = [r.name for r in s.rewards]
-    return d

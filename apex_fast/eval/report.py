@@ -24,10 +24,10 @@ def _plt():
     return plt
 
 
-def MaxNLocator(**kw):
-    from matplotlib.ticker import MaxNLocator as _Locator
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
 
-    return _Locator(**kw)
+    return MaxNLocator(integer=True)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -191,7 +191,7 @@ def plot_objectives(result, path: Path) -> Path | None:
                     ax.plot(px, py, "-", lw=0.8, alpha=0.3, color=_COLORS[i % len(_COLORS)],
                             label=f"{run.label}: training batch mean (SDE)")
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(_integer_ticks())
         else:
             models = result.models[1:]
             for i, m in enumerate(models):
@@ -249,7 +249,7 @@ def plot_training_diagnostics(result, path: Path) -> Path | None:
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{run.label} ({method}): {title}" if len(runs) > 1 else title, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(_integer_ticks())
             ax.grid(alpha=0.3)
             if not ax.lines:
                 ax.text(0.5, 0.5, "not logged by this method", ha="center", va="center", transform=ax.transAxes,
@@ -405,9 +405,10 @@ def write_report(result, out_dir: str | Path, grid_prompts: int = 4) -> dict:
         finals = [[m for m in result.models if m.run == r.label][-1] for r in result.runs]
         finals += [m for m in result.models[1:] if m.run is None]
         if len(finals) > 1 or not result.runs:
-            grids["Images: base model vs " + ("each run's last checkpoint" if result.runs else "the LoRA")] = image_grid(result, [result.base] + finals, out / "grid_methods.png",
-                                          "base model vs " + ("the last checkpoint of each run" if result.runs else "LoRA")
-                                          + " (same prompt, same seed; scores in paper units)", grid_prompts)
+            caption = "Images: base model vs " + ("each run's last checkpoint" if result.runs else "the LoRA")
+            title = ("base model vs " + ("the last checkpoint of each run" if result.runs else "LoRA")
+                     + " (same prompt, same seed; scores in paper units)")
+            grids[caption] = image_grid(result, [result.base] + finals, out / "grid_methods.png", title, grid_prompts)
     what = (", ".join(f"`{r.dir}` ({r.config.balance.method}, {len([m for m in result.models if m.run == r.label])} "
                       f"checkpoints)" for r in result.runs)
             or ", ".join(f"`{m.weights.file}`" for m in result.models[1:]))

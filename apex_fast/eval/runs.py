@@ -54,7 +54,8 @@ def load_run(path: str | Path, label: str | None = None, ema: bool = False) -> R
         elif not cfg.lora.enabled and (c / "state.safetensors").is_file():
             ckpts.append(Checkpoint(epoch, c, FullWeights(c, label=f"epoch {epoch}")))
     if not ckpts:
-        hint = f" Its final LoRA is in {d / 'lora'}: evaluate it with --lora {d / 'lora'}." if (d / "lora" / LORA_FILE).is_file() else ""
+        final = d / "lora"
+        hint = f" Its final LoRA is in {final}: evaluate it with --lora {final}." if (final / LORA_FILE).is_file() else ""
         raise EvalError(f"--run {path}: holds no checkpoint (no complete checkpoints/checkpoint-<epoch>/ with weights); "
                         f"the run may not have reached its first checkpoint (checkpoint.every) yet.{hint}")
     return Run(label or d.resolve().name, d, cfg, ckpts, read_metrics(d / "metrics.csv"))
