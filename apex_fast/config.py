@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .balance.config import BalanceConfig
+from .dpo.config import DPOConfig
 
 
 class ConfigError(ValueError):
@@ -118,8 +119,12 @@ class CheckpointConfig:
     resume: str | None = None  # None | "latest" | path to a checkpoint folder
 
 
+ALGORITHMS = ("grpo", "dpo")
+
+
 @dataclass
 class Config:
+    algorithm: str = "grpo"  # grpo: Flow-GRPO with a balancer (balance.*) | dpo: BalancedDPO (dpo.*)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +132,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # used when algorithm: dpo
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -327,6 +333,14 @@ def _validate(c: Config) -> None:
         c.balance.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _require(c.algorithm in ALGORITHMS, "algorithm", f"{c.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if c.algorithm == "dpo":
+        try:
+            c.dpo.validate(names)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(c.lora.enabled, "lora.enabled", "algorithm: dpo keeps its reference model as a second LoRA adapter; "
+                 "set lora.enabled: true")
     _require(c.eval.every >= 0, "eval.every", f"must be >= 0, got {c.eval.every}")
     _require(c.eval.num_steps >= 1, "eval.num_steps", f"must be >= 1, got {c.eval.num_steps}")
     _require(c.eval.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {c.eval.num_prompts}")
