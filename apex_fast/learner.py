@@ -13,11 +13,18 @@ run state (run_state.py). A learner:
 * owns the EMA of the trained weights (``run_state.EMA``) and says which weights evaluation uses;
 * runs the balancer through ``grad.sequence`` when it balances K objectives;
 * returns a flat dict of scalar metrics (names: metrics.py and the balancer's);
+* may sample the epoch's rollouts with another model (``rollout_model()``, a context; DPO: the
+  reference) or need no rollout at all (``needs_rollout`` False: ``learn(None, None, None, epoch)``,
+  DPO from a pairs file);
+* may add evaluation metrics from the per-item eval scores (``eval_metrics``, DPO: win rates over the
+  base model) and a block to the run summary (``summary``);
 * checkpoints its own state: ``state_dict()`` (tensors and JSON scalars, merged into the trainer
   state, so keys must not collide with epoch/world_size/trainable/optimizer/balancer/rng/
   eval_history/config) and ``load_state_dict(full_state)``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -27,6 +34,20 @@ from .run_state import EMA
 class Learner:
     global_step: int = 0
     ema: EMA | None = None
+    needs_rollout: bool = True  # False: the learner brings its own data (learn gets batch, R, group_ids = None)
+
+    def rollout_model(self):
+        """Context under which the trainer samples the epoch's rollouts (default: the current weights)."""
+        return contextlib.nullcontext()
+
+    def eval_metrics(self, scores: torch.Tensor, evaluate) -> dict[str, float]:
+        """Extra evaluation results from the per-item eval scores [n_items, K]; ``evaluate()`` runs the
+        evaluator again with the current model and returns its scores."""
+        return {}
+
+    def summary(self, end: dict) -> str:
+        """Extra text for the run summary from the final evaluation results."""
+        return ""
 
     def learn(self, batch, R: torch.Tensor, group_ids: torch.Tensor, epoch: int) -> dict[str, float]:
         raise NotImplementedError

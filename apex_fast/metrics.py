@@ -57,3 +57,30 @@ def timing_metrics(sample_s: float, reward_s: float, train_s: float) -> dict[str
 def scalars(metrics: dict) -> dict[str, float]:
     """Only the loggable (int/float) entries."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ------------------------------------------------------------------ DPO (dpo/learner.py)
+
+# per optimizer step of a DPO epoch, averaged over the epoch's real pairs (and ranks): the loss, the
+# implicit accuracy (z > 0), the reward margin (mean z), the velocity errors of model and reference on
+# winner and loser, and the model / reference terms e(w) - e(l)
+DPO_STEP_STATS = ("dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/err_w", "dpo/err_l", "dpo/ref_err_w",
+                  "dpo/ref_err_l", "dpo/model_term", "dpo/ref_term")
+
+
+def dpo_pair_metrics(pairs, names: list[str]) -> dict[str, float]:
+    """Of one labelling (dpo.labels.Pairs): ``dpo/pairs`` trained, ``dpo/dropped_ties`` (votes cancel),
+    ``dpo/dropped_abstained`` (no scorer could judge), ``dpo/label_p`` (mean label probability; < 1
+    only for the soft vote) and ``dpo/agree/<scorer>``: how often each scorer agreed with the labels
+    used (1 minus it: how often it was outvoted)."""
+    out = {"dpo/pairs": float(len(pairs)), "dpo/dropped_ties": float(pairs.n_ties),
+           "dpo/dropped_abstained": float(pairs.n_abstained),
+           "dpo/label_p": float(pairs.p.mean()) if len(pairs) else float("nan")}
+    for m, n in enumerate(names):
+        out[f"dpo/agree/{n}"] = float(pairs.agree[m]) / float(pairs.opinions[m]) if pairs.opinions[m] else float("nan")
+    return out
+
+
+def winrate_key(name: str) -> str:
+    """``winrate/<scorer>`` and ``winrate/consensus`` in the eval results (logged as eval/winrate/...)."""
+    return f"winrate/{name}"

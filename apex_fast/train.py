@@ -26,6 +26,8 @@ from apex_fast import runtime as rt
 from apex_fast.balance import make_balancer
 from apex_fast.config import Config, ConfigError, load_config, save_config, to_dict
 from apex_fast.data import load_prompts
+from apex_fast.dpo import ReferenceAdapter, read_pairs
+from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_key, reward_metrics, scalars, timing_metrics
 from apex_fast.models import add_lora, load_pipeline
@@ -63,6 +65,9 @@ class Trainer:
         self.reward_tracker = RewardFailureTracker(cfg.train.reward_max_failures)
         self.balancer = make_balancer(cfg.balance, [r.weight for r in cfg.rewards], self.names)
 
+        pairs = None
+        if cfg.algorithm == "dpo" and cfg.dpo.mode == "offline":  # a malformed file fails before any model loads
+            pairs = read_pairs(cfg.dpo.pairs_file, skip_bad=cfg.dpo.skip_bad_pairs)
         m = cfg.model
         self.pipe = load_pipeline(m.pretrained, dtype=m.dtype, device=self.device, seed=m.seed, revision=m.revision,
                                   variant=m.variant, gradient_checkpointing=m.gradient_checkpointing,
@@ -73,18 +78,28 @@ class Trainer:
                      target_modules=cfg.lora.target_modules, seed=rt.seed_for(cfg.train.seed, "lora"))
         else:
             self.transformer.requires_grad_(True)
+        # DPO's reference model: a second, frozen LoRA adapter, added before the engine sees the model
+        ref = ReferenceAdapter(self.transformer, cfg.dpo.ref_update_every, cfg.dpo.ref_ema) \
+            if cfg.algorithm == "dpo" else None
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         for p in self.params:  # trainable weights and their optimizer state stay fp32
             p.data = p.data.float()
         if not self.params:
             raise ConfigError("lora: the model has no trainable parameter; check lora.target_modules")
         self.engine = rt.make_engine(cfg, self.transformer, self.params, self.runtime)
+        if ref is not None and getattr(self.engine, "zero3", False):
+            raise ConfigError("deepspeed: algorithm: dpo does not support ZeRO stage 3 (the reference adapter is "
+                              "copied from the learner's full weights); use configs/ds_zero2.json")
         self.weights = TrainableWeights(self.transformer, self.params, self.engine, cfg.lora.enabled)
 
         self.sampler = RolloutSampler(cfg, self.runtime, self.pipe, self.layout, self.scorers, train_prompts,
                                       {r.name: r.timeout_s for r in cfg.rewards})
-        self.learner = GRPOLearner(cfg, self.runtime, self.engine, self.weights, self.balancer, self.layout,
-                                   self.pipe.scheduler)
+        if ref is None:
+            self.learner = GRPOLearner(cfg, self.runtime, self.engine, self.weights, self.balancer, self.layout,
+                                       self.pipe.scheduler)
+        else:
+            self.learner = DPOLearner(cfg, self.runtime, self.engine, self.weights, self.sampler, self.scorers,
+                                      self.names, ref, records=pairs)
         self.evaluator = Evaluator(cfg, self.runtime, self.pipe, self.sampler, self.scorers, self.names, eval_prompts,
                                    self.out_dir)
         self.run_state = RunState(cfg, self.runtime, self.weights, self.engine, self.balancer, self.learner,
@@ -127,6 +142,14 @@ class Trainer:
         """Mean reward per objective on the eval prompts (ODE sampler) with the learner's eval weights (EMA)."""
         with self.weights.swapped(self.learner.eval_weights()):
             means = self.evaluator.evaluate(epoch)
+
+        def again():  # the evaluator once more with the model the learner sets up (DPO: the base model)
+            self.evaluator.evaluate(epoch, grid_name="eval_base.png",
+                                    grid_title=f"base model (LoRA disabled): held-out prompts, ODE "
+                                               f"{self.cfg.eval.num_steps} steps, seed {self.cfg.eval.seed}")
+            return self.evaluator.last_scores
+
+        means.update(self.learner.eval_metrics(self.evaluator.last_scores, again))
         self.eval_history[epoch] = means
         return means
 
@@ -164,7 +187,13 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict:
         """rollout (scoring overlaps sampling) -> one all-gather of R [N, K] and group ids -> learner."""
         t0 = time.perf_counter()
-        samples, group_ids, R_local, timings = self.rollout(epoch)
+        if not self.learner.needs_rollout:  # offline data (DPO from a pairs file)
+            metrics = self.learner.learn(None, None, None, epoch)
+            metrics.update(timing_metrics(0.0, 0.0, time.perf_counter() - t0))
+            metrics["lr"] = self.cfg.train.lr
+            return scalars(metrics)
+        with self.learner.rollout_model():  # DPO: the reference samples the candidates
+            samples, group_ids, R_local, timings = self.rollout(epoch)
         t1 = time.perf_counter()
         R, group_ids = self.runtime.gather_samples(R_local, group_ids[samples.global_index], samples.global_index)
         # judged on the gathered rewards, so every rank reaches the same verdict (no rank stops alone)
@@ -184,8 +213,13 @@ class Trainer:
         if self.is_main:
             table = format_reward_table(self.names, result["start"], result["end"],
                                         title=f"eval reward per objective (ODE, {self.cfg.eval.num_steps} steps, "
-                                              f"{len(self.evaluator.prompts)} prompts), "
-                                              f"balance.method={self.cfg.balance.method}")
+                                              f"{len(self.evaluator.prompts)} prompts), " + (
+                                                  f"algorithm=dpo, dpo.label={self.cfg.dpo.label}"
+                                                  if self.cfg.algorithm == "dpo" else
+                                                  f"balance.method={self.cfg.balance.method}"))
+            extra = self.learner.summary(result["end"])
+            if extra:
+                table += "\n\n" + extra
             print("\n" + table + "\n", flush=True)
             (self.out_dir / "summary.txt").write_text(table + "\n")
             if self.cfg.log.plot:

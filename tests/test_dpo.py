@@ -16,6 +16,7 @@ from apex_fast.dpo import (
     velocity_error,
 )
 from apex_fast.dpo.pairs import load_pair_images
+from apex_fast.metrics import dpo_pair_metrics
 
 torch.set_num_threads(1)
 nan = math.nan
@@ -107,8 +108,9 @@ def test_labeler_online_modes_pick_expected_pairs():
     names = ["a", "b", "c"]
     pv = PairLabeler("balanced_vote", names, [1, 1, 1]).select_pairs(S, g)
     assert (pv.winner.tolist(), pv.loser.tolist(), pv.p.tolist()) == ([0], [3], [1.0])
-    assert pv.n_ties == 1 and pv.stats["dpo/pairs"] == 1
-    assert pv.stats["dpo/agree/a"] == 1.0 and pv.stats["dpo/agree/c"] == 0.0  # scorer c was outvoted
+    st = dpo_pair_metrics(pv, names)
+    assert pv.n_ties == 1 and st["dpo/pairs"] == 1 and st["dpo/dropped_ties"] == 1
+    assert st["dpo/agree/a"] == 1.0 and st["dpo/agree/c"] == 0.0  # scorer c was outvoted
     vs = PairLabeler("vanilla_sum", names, [1, 1, 1]).select_pairs(S, g)
     assert (vs.winner.tolist(), vs.loser.tolist()) == ([1], [0])  # sums 10, 17, 14, 10 -> first max, first min
     single = PairLabeler("single", names, [1, 1, 1], single_scorer="c").select_pairs(S, g)

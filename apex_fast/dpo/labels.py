@@ -8,7 +8,7 @@ with the labels actually used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,8 @@ class Pairs:
     n_candidates: int = 0  # groups (online) or pairs (offline) considered
     n_ties: int = 0  # dropped: votes cancel / equal scores
     n_abstained: int = 0  # dropped: no scorer could judge
-    stats: dict = field(default_factory=dict)
+    agree: torch.Tensor | None = None  # [M] pairs where scorer m agreed with the label
+    opinions: torch.Tensor | None = None  # [M] pairs where scorer m had a preference
 
     def __len__(self) -> int:
         return int(self.winner.numel())
@@ -66,7 +67,7 @@ class PairLabeler:
         self.agree, self.opinions = state["agree"].clone().long(), state["opinions"].clone().long()
 
     def _generator(self) -> torch.Generator:
-        from apex_fast.distributed import seed_for
+        from apex_fast.runtime import seed_for
 
         g = torch.Generator().manual_seed(seed_for(self.seed, "dpo-random", self.calls))
         self.calls += 1
@@ -81,13 +82,7 @@ class PairLabeler:
             a = n = torch.zeros(len(self.names), dtype=torch.long)
         self.agree += a
         self.opinions += n
-        st = {"dpo/pairs": float(len(pairs)), "dpo/dropped_ties": float(pairs.n_ties),
-              "dpo/dropped_abstained": float(pairs.n_abstained),
-              "dpo/label_p": float(pairs.p.mean()) if len(pairs) else float("nan")}
-        for m, name in enumerate(self.names):
-            # this batch's agreement of scorer m with the labels used; 1 - it: how often it was outvoted
-            st[f"dpo/agree/{name}"] = float(a[m]) / float(n[m]) if n[m] else float("nan")
-        pairs.stats = st
+        pairs.agree, pairs.opinions = a, n
         return pairs
 
     def agreement_summary(self) -> dict[str, float]:

@@ -1,18 +1,19 @@
 """The DPO learner (BalancedDPO, docs/SPEC.md section 6) behind the learner seam (apex_fast/learner.py).
 
-Online (``dpo.mode: online``): the trainer samples G images per prompt with the REFERENCE model
-(``rollout_model()``, the dynamic-reference idea) and scores them; ``learn`` picks one (winner,
-loser) pair per prompt with the configured label mode, over the whole batch's scores (gathered,
-so every rank picks the same pairs), gathers the pairs' clean latents and trains on them.
-Offline (``dpo.mode: offline``): pairs come from a jsonl file (dpo/pairs.py); missing scores are
-computed once at start (sharded over ranks), labels once over the whole file, and each epoch trains
-on ``dpo.pairs_per_epoch`` of them (the images encoded by the VAE when their epoch comes).
+Online (``dpo.mode: online``): the trainer samples G images per prompt under ``rollout_model()``,
+i.e. with the REFERENCE model (the dynamic-reference idea), and scores them; ``learn`` picks one
+(winner, loser) pair per prompt with the configured label mode from the whole batch's scores
+(gathered, so every rank picks the same pairs), gathers the pairs' clean latents and trains on them.
+Offline (``dpo.mode: offline``, ``needs_rollout`` False): pairs from a jsonl file (dpo/pairs.py);
+missing scores are computed once at start (split over ranks), labels once over the whole file, and
+each epoch trains on ``dpo.pairs_per_epoch`` of them (their images VAE-encoded when their turn comes).
 
-Training: the epoch's pairs in a seeded order, split into global micro-batches of
-``train.micro_batch_size x processes`` pairs, each rank taking a contiguous share (a short last
-micro-batch is padded with zero-weight pairs so every rank steps together); loss sum / micro-batch
-size, so the update does not depend on the process count. After every optimizer step: the EMA of
-the learner (for evaluation) and the reference update (copy every N steps, or EMA).
+Training: the epoch's pairs in a seeded order, in global micro-batches of ``train.micro_batch_size x
+processes`` pairs, each rank taking a contiguous share (a short last micro-batch is padded with
+zero-weight pairs so every rank steps together); loss sum / micro-batch size, so the update does not
+depend on the process count. After every optimizer step: the EMA of the learner (evaluation) and
+the reference update (copy every N steps, or EMA). Evaluation adds the win rates of the trained
+model over the base model (the LoRA-disabled transformer, evaluated once on the same prompts and seeds).
 """
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from apex_fast.distributed import seed_for
-from apex_fast.rewards import score_all
-
+from ..learner import Learner
+from ..metrics import DPO_STEP_STATS, dpo_pair_metrics, winrate_key
+from ..models import lora_disabled
+from ..rewards import score_all
+from ..run_state import EMA
+from ..runtime import seed_for
 from .labels import PairLabeler, Pairs
 from .pairs import PairsFileError, load_pair_images, read_pairs
 from .reference import ReferenceAdapter
@@ -34,30 +38,70 @@ from .winrate import win_rates
 
 log = logging.getLogger("apex_fast.dpo")
 
-# per optimizer step of a DPO epoch, averaged over the epoch's real pairs (and ranks)
-DPO_STEP_STATS = ("dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/err_w", "dpo/err_l", "dpo/ref_err_w", "dpo/ref_err_l",
-                  "dpo/model_term", "dpo/ref_term")
 
-
-class DPOCore:
-    """Everything of the DPO learner that does not depend on the trainer's parts: the reference,
-    the labeler, the offline pairs, the pair training loop. ``host`` gives transformer, engine,
-    runtime, cfg, names, scorers and ``condition(prompts)``; ``after_step(global_step)`` (EMA) is
-    called after every optimizer step."""
-
-    def __init__(self, cfg, runtime, engine, transformer, scorers, names: list[str], weights: list[float],
-                 condition, vae, reference: ReferenceAdapter, after_step=None, records=None):
-        self.cfg, self.runtime, self.engine, self.transformer = cfg, runtime, engine, transformer
-        self.scorers, self.names, self.condition, self.vae = scorers, names, condition, vae
-        self.ref = reference
-        self.after_step = after_step or (lambda step: None)
-        d = cfg.dpo
-        self.labeler = PairLabeler(d.label, names, weights, d.single_scorer, seed=seed_for(cfg.train.seed, "dpo-label"))
+class DPOLearner(Learner):
+    def __init__(self, cfg, runtime, engine, weights, sampler, scorers, names: list[str], reference: ReferenceAdapter,
+                 records=None):
+        self.cfg, self.runtime, self.engine, self.weights = cfg, runtime, engine, weights
+        self.transformer, self.sampler, self.vae = weights.transformer, sampler, sampler.pipe.vae
+        self.scorers, self.names, self.ref = scorers, list(names), reference
+        d, t = cfg.dpo, cfg.train
+        self.labeler = PairLabeler(d.label, self.names, [r.weight for r in cfg.rewards], d.single_scorer,
+                                   seed=seed_for(t.seed, "dpo-label"))
         self.global_step = 0
+        self.ema = EMA(weights, t.ema_decay, t.ema_every) if t.ema else None
         self.base_eval: torch.Tensor | None = None  # scores [n_items, K] of the base model's eval images
-        self.offline = d.mode == "offline"
-        if self.offline:
+        self.needs_rollout = d.mode == "online"
+        if not self.needs_rollout:
             self._prepare_offline(records)
+
+    # ------------------------------------------------------------------ the seam
+    def rollout_model(self):
+        """Online candidates are sampled with the reference model."""
+        return self.ref.active()
+
+    def learn(self, batch, R, group_ids, epoch):
+        if not self.needs_rollout:
+            return self.learn_offline(epoch)
+        s = batch.samples
+        pairs = self.labeler.select_pairs(R, group_ids)
+        X0 = gather_latents(self.runtime, s.latents[:, -1], s.global_index, R.shape[0]) if len(pairs) else None
+        chosen, _ = self.sampler.epoch_prompts(epoch)
+        prompts = self.sampler.train_prompts
+
+        def get(ids):
+            w, l = pairs.winner[ids], pairs.loser[ids]
+            return X0[w], X0[l], [prompts[chosen[int(group_ids[i])]][0] for i in w]
+
+        stats = self.train_pairs(get, len(pairs), pairs.p, ("online", epoch))
+        return {**dpo_pair_metrics(pairs, self.names), **stats}
+
+    def eval_metrics(self, scores: torch.Tensor, evaluate) -> dict[str, float]:
+        """Win rates of the trained model's eval images (scores [n_items, K]) over the base model's,
+        whose scores are measured once with ``evaluate()`` under the LoRA-disabled transformer."""
+        if self.base_eval is None:
+            with lora_disabled(self.transformer):
+                self.base_eval = evaluate().clone()
+        return {winrate_key(k): v for k, v in win_rates(scores, self.base_eval, self.names).items()}
+
+    def summary(self, end: dict) -> str:
+        """The win-rate table of the run summary."""
+        rows = [f"win rate of the trained model over the base model (eval prompts, fixed seeds), "
+                f"dpo.label={self.cfg.dpo.label}", "| scorer | win rate |", "|---|---|"]
+        for n in [*self.names, "consensus"]:
+            rows.append(f"| {n} | {end.get(winrate_key(n), float('nan')):.3f} |")
+        return "\n".join(rows)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "dpo": {"reference": self.ref.state_dict(), "labeler": self.labeler.state_dict(),
+                                                "base_eval": self.base_eval}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        st = state["dpo"]
+        self.ref.load_state_dict(st["reference"])
+        self.labeler.load_state_dict(st["labeler"])
+        self.base_eval = st.get("base_eval")
 
     # ------------------------------------------------------------------ offline data
     def _prepare_offline(self, records=None) -> None:
@@ -85,6 +129,7 @@ class DPOCore:
         if len(self.file_pairs) == 0:
             raise PairsFileError(f"dpo.pairs_file: none of the {P} pairs of {d.pairs_file} gets a label with "
                                  f"dpo.label={d.label} (all ties or unscored); check the scores or the rewards")
+        self.file_metrics = dpo_pair_metrics(self.file_pairs, self.names)
         if self.runtime.rank == 0:
             log.info("offline DPO: %d pairs, %d scored here, %d labelled (%d ties, %d unscored dropped)", P, len(todo),
                      len(self.file_pairs), self.file_pairs.n_ties, self.file_pairs.n_abstained)
@@ -123,110 +168,69 @@ class DPOCore:
         base = (start // n) * n
         return order[start - base: start - base + k].tolist()
 
-    # ------------------------------------------------------------------ training on pairs
-    def train_pairs(self, get_pairs, n_pairs: int, p: torch.Tensor, key) -> dict[str, float]:
-        """Train on ``n_pairs`` pairs. ``get_pairs(ids) -> (x0_w, x0_l, prompts)`` for pair ids of
-        this epoch; ``p`` [n_pairs] label probabilities; ``key`` seeds the per-pair noise."""
-        cfg, t = self.cfg, self.cfg.train
-        world, rank, mbs = self.runtime.world_size, self.runtime.rank, t.micro_batch_size
-        sums = torch.zeros(len(DPO_STEP_STATS) + 2, dtype=torch.float64)  # stats..., grad_norm sum, real pairs
-        steps = 0
-        ref_updates = 0
-        if n_pairs == 0:
-            return {"dpo/steps": 0.0, "dpo/ref_updates": 0.0}
-        g = torch.Generator().manual_seed(seed_for(t.seed, "dpo-order", key))
-        order = torch.randperm(n_pairs, generator=g)
-        B = mbs * world
-        self.transformer.train()
-        n_mb = -(-n_pairs // B)
-        bar = tqdm(range(n_mb), desc=f"dpo {key}", leave=False, disable=not (rank == 0 and cfg.log.progress))
-        for mb in bar:
-            slots = torch.arange(mb * B + rank * mbs, mb * B + (rank + 1) * mbs)
-            real = slots < n_pairs
-            ids = order[torch.where(real, slots, torch.zeros_like(slots))]  # padding: pair order[0], weight 0
-            x0_w, x0_l, prompts = get_pairs(ids.tolist())
-            dev = self.runtime.device
-            eps, tt = pair_noise(t.seed, key, ids.tolist(), tuple(x0_w.shape[1:]), cfg.dpo.t_mean, cfg.dpo.t_std)
-            cond = self.condition(prompts)
-            out = dpo_micro_loss(self.engine.module, self.ref.active, x0_w.to(dev), x0_l.to(dev), cond, eps.to(dev),
-                                 tt.to(dev), beta=cfg.dpo.beta, p=p[ids].to(dev), weight=real.float().to(dev),
-                                 denominator=mbs)
-            self.engine.backward(out.loss)
-            gn = self.engine.step(t.max_grad_norm)
-            self.global_step += 1
-            steps += 1
-            self.after_step(self.global_step)
-            ref_updates += int(self.ref.step())
-            w = real.double()
-            per = [out.per_pair, out.accuracy, out.logits, out.err_w, out.err_l, out.ref_err_w, out.ref_err_l,
-                   out.err_w - out.err_l, out.ref_err_w - out.ref_err_l]
-            sums[: len(per)] += torch.stack([(w * x.double().cpu()).sum() for x in per])
-            sums[-2] += float(gn) * float(real.any())
-            sums[-1] += float(w.sum())
-        tot = self.runtime.all_reduce_sum(sums)
-        n = max(float(tot[-1]), 1.0)
-        stats = {name: float(tot[i]) / n for i, name in enumerate(DPO_STEP_STATS)}
-        stats["grad_norm"] = float(tot[-2]) / max(world * steps, 1)
-        stats["dpo/steps"] = float(steps)
-        stats["dpo/ref_updates"] = float(ref_updates)
-        stats["dpo/ref_is_base"] = float(self.ref.is_base)
-        return stats
-
-    # ------------------------------------------------------------------ one epoch
-    def learn_online(self, x0_local: torch.Tensor, global_index: torch.Tensor, R: torch.Tensor,
-                     group_ids: torch.Tensor, prompts: list[str], epoch: int) -> dict[str, float]:
-        """This rank's final latents x0_local [n, C, h, w] (global indices [n]) of the epoch's
-        rollouts; R [N, K] and group_ids [N] of the whole batch; prompts [N] of every global sample."""
-        pairs = self.labeler.select_pairs(R, group_ids)
-        X0 = gather_latents(self.runtime, x0_local, global_index, R.shape[0]) if len(pairs) else None
-
-        def get(ids):
-            w, l = pairs.winner[ids], pairs.loser[ids]
-            return X0[w], X0[l], [prompts[int(i)] for i in w]
-
-        stats = self.train_pairs(get, len(pairs), pairs.p, ("online", epoch))
-        return {**pairs.stats, **stats}
-
     def learn_offline(self, epoch: int) -> dict[str, float]:
         fp = self.file_pairs
         chosen = torch.tensor(self.offline_epoch_pairs(epoch), dtype=torch.long)
         P = len(self.records)
         res = self.cfg.model.resolution
 
-        def image_of(j: int):  # an index into the stacked [a_0..a_{P-1}, b_0..b_{P-1}]
-            return self.records[j % P], j // P
-
-        def get(ids):
+        def get(ids):  # winner/loser index into the stacked [a_0..a_{P-1}, b_0..b_{P-1}]
             sel = chosen[ids]
             out = []
             for col in (fp.winner[sel], fp.loser[sel]):
-                recs = [image_of(int(j)) for j in col]
-                a, b = load_pair_images([r for r, _ in recs], res)
-                imgs = np.stack([a[i] if side == 0 else b[i] for i, (_, side) in enumerate(recs)])
+                recs = [self.records[int(j) % P] for j in col]
+                a, b = load_pair_images(recs, res)
+                imgs = np.stack([a[i] if int(j) < P else b[i] for i, j in enumerate(col)])
                 out.append(encode_images(self.vae, imgs, self.runtime.device).cpu())
             return out[0], out[1], [self.records[int(j) % P].prompt for j in fp.winner[sel]]
 
         stats = self.train_pairs(get, len(chosen), fp.p[chosen], ("offline", epoch))
-        return {**fp.stats, **stats}
+        return {**self.file_metrics, **stats}
 
-    # ------------------------------------------------------------------ evaluation
-    def win_rate_metrics(self, trained: torch.Tensor) -> dict[str, float]:
-        """``winrate/<reward>`` and ``winrate/consensus`` of the trained model's eval images over the
-        base model's (same prompts and seeds)."""
-        if self.base_eval is None:
-            return {}
-        return {f"winrate/{k}": v for k, v in win_rates(trained, self.base_eval, self.names).items()}
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"dpo": {"reference": self.ref.state_dict(), "labeler": self.labeler.state_dict(),
-                        "base_eval": self.base_eval}}
-
-    def load_state_dict(self, state: dict) -> None:
-        st = state["dpo"]
-        self.ref.load_state_dict(st["reference"])
-        self.labeler.load_state_dict(st["labeler"])
-        self.base_eval = st.get("base_eval")
+    # ------------------------------------------------------------------ training on pairs
+    def train_pairs(self, get_pairs, n_pairs: int, p: torch.Tensor, key) -> dict[str, float]:
+        """Train on ``n_pairs`` pairs. ``get_pairs(ids) -> (x0_w, x0_l, prompts)`` for pair ids of
+        this epoch; ``p`` [n_pairs] label probabilities; ``key`` seeds the order and the per-pair noise."""
+        cfg, t = self.cfg, self.cfg.train
+        world, rank, mbs = self.runtime.world_size, self.runtime.rank, t.micro_batch_size
+        if n_pairs == 0:
+            return {"dpo/steps": 0.0, "dpo/ref_updates": 0.0, "dpo/ref_is_base": float(self.ref.is_base)}
+        sums = torch.zeros(len(DPO_STEP_STATS) + 2, dtype=torch.float64)  # stats..., grad-norm sum, real pairs
+        steps = ref_updates = 0
+        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed_for(t.seed, "dpo-order", key)))
+        B = mbs * world
+        dev = self.runtime.device
+        self.transformer.train()
+        bar = tqdm(range(-(-n_pairs // B)), desc=f"dpo {key}", leave=False, disable=not (rank == 0 and cfg.log.progress))
+        for mb in bar:
+            slots = torch.arange(mb * B + rank * mbs, mb * B + (rank + 1) * mbs)
+            real = slots < n_pairs
+            ids = order[torch.where(real, slots, torch.zeros_like(slots))]  # padding: a real pair with weight 0
+            x0_w, x0_l, prompts = get_pairs(ids)
+            eps, tt = pair_noise(t.seed, key, ids.tolist(), tuple(x0_w.shape[1:]), cfg.dpo.t_mean, cfg.dpo.t_std)
+            out = dpo_micro_loss(self.engine.module, self.ref.active, x0_w.to(dev), x0_l.to(dev),
+                                 self.sampler.condition(prompts), eps.to(dev), tt.to(dev), beta=cfg.dpo.beta,
+                                 p=p[ids].to(dev), weight=real.float().to(dev), denominator=mbs)
+            self.engine.backward(out.loss)
+            grad_norm = self.engine.step(t.max_grad_norm)
+            self.global_step += 1
+            steps += 1
+            if self.ema is not None:
+                self.ema.update(self.global_step)
+            ref_updates += int(self.ref.step())
+            w = real.double()
+            per = [out.per_pair, out.accuracy, out.logits, out.err_w, out.err_l, out.ref_err_w, out.ref_err_l,
+                   out.err_w - out.err_l, out.ref_err_w - out.ref_err_l]
+            sums[: len(per)] += torch.stack([(w * x.double().cpu()).sum() for x in per])
+            sums[-2] += float(grad_norm)
+            sums[-1] += float(w.sum())
+        tot = self.runtime.all_reduce_sum(sums)  # sums over ranks: the log does not depend on the process count
+        n = max(float(tot[-1]), 1.0)
+        stats = {name: float(tot[i]) / n for i, name in enumerate(DPO_STEP_STATS)}
+        stats["grad_norm"] = float(tot[-2]) / (world * steps)  # the same norm on every rank after the reduction
+        stats.update({"dpo/steps": float(steps), "dpo/ref_updates": float(ref_updates),
+                      "dpo/ref_is_base": float(self.ref.is_base)})
+        return stats
 
 
 def gather_latents(runtime, x0_local: torch.Tensor, global_index: torch.Tensor, total: int) -> torch.Tensor:
@@ -238,14 +242,3 @@ def gather_latents(runtime, x0_local: torch.Tensor, global_index: torch.Tensor, 
     out = torch.empty(total, rows.shape[1] - 1)
     out[rows[:, -1].long()] = rows[:, :-1]
     return out.view(total, *x0_local.shape[1:])
-
-
-
-def format_win_rates(names: list[str], end: dict, label: str) -> str:
-    """The summary's win-rate table: trained vs base on the eval prompts, per scorer and consensus."""
-    rows = [f"win rate of the trained model over the base model (eval prompts, fixed seeds), dpo.label={label}",
-            "| scorer | win rate |", "|---|---|"]
-    for n in [*names, "consensus"]:
-        v = end.get(f"winrate/{n}", float("nan"))
-        rows.append(f"| {n} | {v:.3f} |")
-    return "\n".join(rows)

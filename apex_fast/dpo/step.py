@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from apex_fast.distributed import seed_for
+from apex_fast.runtime import seed_for
 from apex_fast.rl.rollout import Conditioning, predict_velocity
 
 from .loss import DPOOut, flow_dpo_loss, noisy_latents, velocity_error

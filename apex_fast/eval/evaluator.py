@@ -21,8 +21,10 @@ class Evaluator:
         self.scorers, self.names, self.prompts, self.out_dir = scorers, names, prompts, Path(out_dir)
 
     @torch.no_grad()
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        """{reward name: mean eval reward} with the transformer's current weights."""
+    def evaluate(self, epoch: int, grid_name: str | None = None, grid_title: str | None = None) -> dict[str, float]:
+        """{reward name: mean eval reward} with the transformer's current weights; the per-item
+        scores [n_items, K] stay in ``last_scores``. ``grid_name``/``grid_title``: the image grid's
+        file name and title (default: the epoch's)."""
         e = self.cfg.eval
         world, rank = self.runtime.world_size, self.runtime.rank
         items = [(p, m) for p, m in self.prompts for _ in range(e.images_per_prompt)]
@@ -43,11 +45,12 @@ class Evaluator:
             images = decode_latents(self.pipe.vae, ro.final)
             R = score_all(self.scorers, images, prompts, meta)
             if rank == 0:  # labelled by prompt; the prompts also in eval_epochNNNNN.txt beside it
-                save_prompt_grid(images, prompts, self.out_dir / "samples" / f"eval_epoch{epoch:05d}.png",
-                                 title=f"epoch {epoch}: held-out prompts, ODE {e.num_steps} steps, "
-                                       f"{'EMA weights, ' if self.cfg.train.ema else ''}seed {e.seed}")
+                save_prompt_grid(images, prompts, self.out_dir / "samples" / (grid_name or f"eval_epoch{epoch:05d}.png"),
+                                 title=grid_title or (f"epoch {epoch}: held-out prompts, ODE {e.num_steps} steps, "
+                                                      f"{'EMA weights, ' if self.cfg.train.ema else ''}seed {e.seed}"))
         R = self.runtime.all_gather_rows(R)  # rank-major; item r + k*world is row r*per + k
         R = R.view(world, per, -1).transpose(0, 1).reshape(per * world, -1)[:n_items]
+        self.last_scores = R
         return {n: float(torch.nanmean(R[:, k])) if R.numel() else float("nan") for k, n in enumerate(self.names)}
 
 
