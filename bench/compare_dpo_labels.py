@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--labels", nargs="+", default=["balanced_vote", "vanilla_sum", "single"])
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--results", default="bench/results")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. seed7)")
     args = ap.parse_args(argv)
 
     runs = {}
@@ -66,7 +67,7 @@ def main(argv=None):
     print("\n" + table + "\n")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"compare_dpo_labels_{Path(args.config).stem}"
+    stem = f"compare_dpo_labels_{Path(args.config).stem}" + (f"_{args.tag}" if args.tag else "")
     meta = {"command": cmd, "device": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "seconds": {m: r["seconds"] for m, r in runs.items()}}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
