@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.apex-fast-installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo demo-apex test install bench clean
+.PHONY: demo demo-apex demo-dpo test install bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 demo-apex: $(STAMP)
 	$(PY) -m bench.compare_methods --config configs/tiny_cpu.yaml --methods static apex
+
+demo-dpo: $(STAMP)
+	$(PY) -m bench.compare_dpo_labels --config configs/tiny_dpo.yaml --labels balanced_vote vanilla_sum single
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
