@@ -145,7 +145,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    """1 process x micro-batch 2 == 2 processes x micro-batch 1: the same global pairs per step."""
+    """1 process x micro-batch 2 (plain torch) == 2 processes x micro-batch 1 under DeepSpeed ZeRO-2:
+    the same global pairs per step, so the same LoRA up to float rounding (tests/test_distributed_multiproc.py
+    explains the 2e-4 bound)."""
     common = FAST + ["train.epochs=2", "dpo.ref_update_every=2", "checkpoint.every=0", "log.csv=true",
                      "rewards=[{\"name\":\"jpeg_compressibility\",\"weight\":0.4},{\"name\":\"colorfulness\",\"weight\":0.3},"
                      "{\"name\":\"contrast\",\"weight\":0.3}]"]
@@ -160,6 +162,8 @@ def test_two_processes_match_one_process(tmp_path):
             sets += ["--set", o]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), str(ROOT / "apex_fast" / "train.py"), "--config", str(CFG), *sets]
+        if nproc == 2:
+            cmd += ["--deepspeed", str(ROOT / "configs" / "ds_zero2.json")]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=420, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[nproc] = out
