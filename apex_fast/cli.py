@@ -1,6 +1,6 @@
 """``apex-fast``: one command for the whole workflow.
 
-    apex-fast train --config configs/tiny_cpu.yaml      # Flow-GRPO training (also: --print-config, --dry-run)
+    apex-fast train --config configs/tiny_cpu.yaml      # Flow-GRPO (or algorithm: dpo) training (also: --print-config, --dry-run)
     apex-fast eval --run outputs/tiny_cpu               # held-out evaluation and report of a run
     apex-fast bench ops                                 # benchmarks (from a source checkout)
     apex-fast serve --scorer deqa --port 8765           # a reward model as an HTTP scoring server

@@ -22,7 +22,8 @@ def _report(ok: bool, what: str, detail: str) -> bool:
 def dry_run(cfg, device: str | None = None) -> bool:
     import torch
 
-    print(f"dry run of {cfg.log.output_dir} (balance.method={cfg.balance.method}, {len(cfg.rewards)} rewards)", flush=True)
+    how = f"algorithm=dpo, dpo.label={cfg.dpo.label}" if cfg.algorithm == "dpo" else f"balance.method={cfg.balance.method}"
+    print(f"dry run of {cfg.log.output_dir} ({how}, {len(cfg.rewards)} rewards)", flush=True)
     good = _report(True, "config", "valid")
     from apex_fast.data import load_prompts
 
@@ -34,6 +35,14 @@ def dry_run(cfg, device: str | None = None) -> bool:
             good &= _report(True, f"data.{field}", f"{len(items)} prompts")
         except (FileNotFoundError, ValueError) as e:
             good &= _report(False, f"data.{field}", str(e))
+    if cfg.algorithm == "dpo" and cfg.dpo.mode == "offline":
+        from apex_fast.dpo import read_pairs
+
+        try:
+            recs = read_pairs(cfg.dpo.pairs_file, skip_bad=cfg.dpo.skip_bad_pairs)
+            good &= _report(True, "dpo.pairs_file", f"{len(recs)} pairs, {sum(1 for r in recs if r.scores)} with scores")
+        except (FileNotFoundError, ValueError) as e:
+            good &= _report(False, "dpo.pairs_file", str(e))
     if cfg.deepspeed:
         try:
             json.loads(Path(cfg.deepspeed).read_text())

@@ -354,17 +354,17 @@ def test_unreadable_image_names_its_line(tmp_path):
 
 
 def test_win_rates_per_scorer_and_consensus():
-    from apex_fast.dpo.winrate import win_rates
+    from apex_fast.eval.metrics import win_rates  # the one win-rate definition, used by the DPO learner
 
     base = T([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [nan, 1.0, 1.0]])
     trained = T([[2.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 2.0, 0.0], [5.0, nan, 0.0]])
-    w = win_rates(trained, base, ["a", "b", "c"])
+    w = {k: v.rate for k, v in win_rates(trained.numpy(), base.numpy(), ["a", "b", "c"]).items()}
     assert w["a"] == pytest.approx((1 + 0 + 0.5) / 3)  # item 3: NaN, skipped
     assert w["b"] == pytest.approx((1 + 0 + 1) / 3)
     assert w["c"] == pytest.approx(1 / 4)
     # votes: +1 (2 of 3), -1, 0 (tie: 0.5), -1 (only c judges)
     assert w["consensus"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    same = win_rates(base, base, ["a", "b", "c"])
+    same = {k: v.rate for k, v in win_rates(base.numpy(), base.numpy(), ["a", "b", "c"]).items()}
     assert same["b"] == 0.5 and same["consensus"] == 0.5
 
 

@@ -22,7 +22,7 @@ class DPOConfig:
     skip_bad_pairs: bool = False  # offline: train on the good lines of a file with malformed ones (else: an error)
     single_scorer: str | None = None  # label single: the reward whose score decides (default: the first reward)
     t_mean: float = 0.0  # logit-normal t: t = sigmoid(t_mean + t_std * N(0, 1)) (SD3's training distribution)
-    t_std: float = 1.0
+    t_std: float = 1.0  # std of the logit-normal t
 
     def validate(self, reward_names: list[str]) -> None:
         def need(ok: bool, field: str, msg: str) -> None:

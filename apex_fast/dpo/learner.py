@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..eval.metrics import win_rates
 from ..learner import Learner
 from ..metrics import DPO_STEP_STATS, dpo_pair_metrics, winrate_key
 from ..models import lora_disabled
@@ -34,7 +35,6 @@ from .labels import PairLabeler, Pairs
 from .pairs import PairsFileError, load_pair_images, read_pairs
 from .reference import ReferenceAdapter
 from .step import dpo_micro_loss, encode_images, pair_noise
-from .winrate import win_rates
 
 log = logging.getLogger("apex_fast.dpo")
 
@@ -82,14 +82,20 @@ class DPOLearner(Learner):
         if self.base_eval is None:
             with lora_disabled(self.transformer):
                 self.base_eval = evaluate().clone()
-        return {winrate_key(k): v for k, v in win_rates(scores, self.base_eval, self.names).items()}
+        out = {}
+        for k, w in win_rates(scores.numpy(), self.base_eval.numpy(), self.names).items():
+            lo, hi = w.interval()
+            out.update({winrate_key(k): w.rate, f"{winrate_key(k)}/ci_low": lo, f"{winrate_key(k)}/ci_high": hi})
+        return out
 
     def summary(self, end: dict) -> str:
         """The win-rate table of the run summary."""
         rows = [f"win rate of the trained model over the base model (eval prompts, fixed seeds), "
-                f"dpo.label={self.cfg.dpo.label}", "| scorer | win rate |", "|---|---|"]
+                f"dpo.label={self.cfg.dpo.label}", "| scorer | win rate | 95% Wilson interval |", "|---|---|---|"]
         for n in [*self.names, "consensus"]:
-            rows.append(f"| {n} | {end.get(winrate_key(n), float('nan')):.3f} |")
+            k = winrate_key(n)
+            rows.append(f"| {n} | {end.get(k, float('nan')):.3f} | "
+                        f"[{end.get(k + '/ci_low', float('nan')):.2f}, {end.get(k + '/ci_high', float('nan')):.2f}] |")
         return "\n".join(rows)
 
     def state_dict(self) -> dict:
