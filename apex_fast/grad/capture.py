@@ -106,15 +106,10 @@ class _CapturedLinear(torch.autograd.Function):
         s = slot.session
         if not s.capturing:  # an ordinary backward (e.g. the KL term's): the plain weight gradient
             return grad_x, (d2.T.to(weight.dtype) @ a2.to(weight.dtype)), None
-        cols = []
         take_J = slot.collect and s.W is not None
-        if take_J:
-            cols.append(s.W)
-        if s.update is not None:
-            cols.append(s.update[:, None])
-        if not cols:
+        Wc = s.columns(take_J)
+        if Wc is None:
             return grad_x, None, None
-        Wc = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
         if grad_out.shape[0] != Wc.shape[0] or d2.shape[0] % Wc.shape[0]:
             raise RuntimeError(
                 f"one_backward: LoRA layer {slot.name} saw a batch of {grad_out.shape[0]} (shape "
@@ -146,6 +141,7 @@ class ObjectiveGradients:
         self.W: torch.Tensor | None = None
         self.update: torch.Tensor | None = None
         self.capturing = False
+        self._cols: dict = {}
         mods = lora_linears(model)
         by_param = {id(m.weight): (n, m) for n, m in mods}
         missing = [i for i, p in enumerate(params) if id(p) not in by_param]
@@ -165,6 +161,10 @@ class ObjectiveGradients:
         if not any(s.in_gram for s in self.slots):
             raise ValueError(f"balance.gram_layers: {gram_layers} matches none of the {len(self.slots)} LoRA layers "
                              f"(names look like {self.slots[0].name!r})")
+        self.install()
+
+    def install(self) -> None:
+        """Route the LoRA linears' grad-enabled forwards through the capture Function (done at init)."""
         for slot in self.slots:
             self._install(slot)
 
@@ -195,11 +195,19 @@ class ObjectiveGradients:
             raise ValueError(f"capture: update must be [n={W.shape[0]}], got shape {tuple(update.shape)}")
         self.W = None if W is None else W.detach()
         self.update = None if update is None else update.detach()
+        # the weight columns each layer multiplies by, built once per capture: [W | update], W, update
+        u = None if self.update is None else self.update[:, None]
+        self._cols = {True: self.W if u is None else u if self.W is None else torch.cat([self.W, u], 1),
+                      False: u}
         self.capturing = True
         try:
             yield self
         finally:
-            self.capturing, self.W, self.update = False, None, None
+            self.capturing, self.W, self.update, self._cols = False, None, None, {}
+
+    def columns(self, with_objectives: bool) -> torch.Tensor | None:
+        """[n, C] weights of a layer that collects the objectives (``with_objectives``) or only the update."""
+        return self._cols[with_objectives]
 
     def jacobian(self, gram: bool = False) -> list[torch.Tensor]:
         """Per-parameter blocks [K, *shape] (params order); ``gram=True``: only the Gram layers'.

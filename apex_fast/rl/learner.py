@@ -134,10 +134,7 @@ class GRPOLearner(Learner):
                     self.captured_step(samples, idx, adv[idx], Ahat_mine[idx], Ahat, stats)
                 else:
                     a = adv[idx] if self.coef is None else Ahat_mine[idx] @ self.coef.to(adv)
-                    for j in range(self.num_train_steps):
-                        _, out = self.micro_loss(samples, idx, j, a, model=self.engine.module)
-                        self.engine.backward(out.loss / self.num_train_steps)
-                        self._record(stats, out)
+                    self.plain_step(samples, idx, a, stats)
                 stats["grad_norm"].append(self.engine.step(t.max_grad_norm))
                 self.global_step += 1
                 if self.ema is not None:
@@ -147,6 +144,14 @@ class GRPOLearner(Learner):
         # global batch's (one all-reduce), so the log does not depend on the process count
         vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]
         return dict(zip(out, vals.tolist()))
+
+    def plain_step(self, samples, idx, a: torch.Tensor, stats: dict) -> None:
+        """The gradients of one optimizer step (all trained timesteps of micro-batch ``idx``, advantages
+        ``a``): one backward of the clipped policy loss + KL per timestep."""
+        for j in range(self.num_train_steps):
+            _, out = self.micro_loss(samples, idx, j, a, model=self.engine.module)
+            self.engine.backward(out.loss / self.num_train_steps)
+            self._record(stats, out)
 
     def captured_step(self, samples, idx, a: torch.Tensor, Ahat_idx: torch.Tensor, Ahat_all: torch.Tensor,
                       stats: dict) -> None:
@@ -158,8 +163,11 @@ class GRPOLearner(Learner):
         A = a.float().clamp(-self.cfg.balance.adv_clip, self.cfg.balance.adv_clip)
         m = (a != 0).float()
         self.grads.zero_()
+        d_step = [torch.zeros_like(p) for p in self.params]  # this step's update, handed to the engine at the end
         for j in range(T):
-            step = self.step_terms(samples, idx, j, model=self.engine.module)
+            # the bare model, not engine.module: DeepSpeed hooks the outputs of its own forward and would
+            # run its reduction epilogue after the objective pass (which is not a training backward)
+            step = self.step_terms(samples, idx, j, model=self.transformer)
             ref_mean = self.reference_mean(samples, idx, j)
             old = samples.log_probs[idx, j]
             out = grpo_loss(step.log_prob.detach(), old, a, clip_range=t.clip_range, adv_clip=self.cfg.balance.adv_clip,
@@ -170,13 +178,20 @@ class GRPOLearner(Learner):
             W = Ahat_idx * u[:, None]  # objective k's per-sample weights, the update's clip mask
             update = None if self.aggregates else A * m * u
             neg_ratio = -ratio / (n * T)  # the unweighted per-sample loss
+            # torch.autograd.grad, not engine.backward: the objective pass must not reach .grad (DeepSpeed's
+            # ZeRO hooks would reduce a gradient the aggregators replace); its update column is handed to
+            # the engine with the combined update below, through the engine's own backward
             if isinstance(self.grads, ObjectiveGradients):
                 with self.grads.capture(W, update):
-                    self.engine.backward(neg_ratio.sum(), retain_graph=kl_on)
+                    g = torch.autograd.grad(neg_ratio.sum(), self.params, retain_graph=kl_on, allow_unused=True)
             else:
                 self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
-                if update is not None:
-                    self.engine.backward((update * neg_ratio).sum(), retain_graph=kl_on)
+                g = None if update is None else torch.autograd.grad(
+                    (update * neg_ratio).sum(), self.params, retain_graph=kl_on, allow_unused=True)
+            if update is not None:
+                for i, gi in enumerate(g):
+                    if gi is not None:
+                        d_step[i] += gi
             if kl_on:  # its own backward: a different cotangent, attributed to no objective
                 kl = step_kl(step.mean, ref_mean, step.std)
                 self.engine.backward(t.kl_beta * (m * kl).sum() / (n * T))
@@ -187,7 +202,8 @@ class GRPOLearner(Learner):
             M = sharded_gram(gram_blocks, self.runtime)
             c = aggregator_coefficients(self.balancer, M)
             self.coef = scaled_coefficients(c, Ahat_all, self.cfg.balance.aggregator_renorm, self.cfg.balance.eps)
-            self.engine.add_grads(aggregated_update(J, self.coef))
+            d_step = aggregated_update(J, self.coef)
+        self.engine.add_grads(d_step)
         if self._epoch_J is None:
             self._epoch_J = [g.clone() for g in gram_blocks]
         else:
