@@ -17,9 +17,11 @@ the modes, median of ``--repeats``:
   one_backward_gram_every4   one captured step out of 4 (balance.gram_every_steps: 4), mean per step
   k_backward         the reference: K extra backward passes of the per-objective losses per timestep
 
-Ratios are over ``single`` of the same run (``one_backward_kl`` over ``single_kl``). Peak memory:
-CUDA max_memory_allocated per mode; on CPU each mode runs again in a child process and reports its
-peak resident set growth over the set-up (ru_maxrss).
+Ratios are over ``single`` of the same run (``one_backward_kl`` over ``single_kl``); on CPU the times
+are process CPU seconds (one thread), which other jobs on a shared machine do not inflate the way
+they do wall time. Peak memory: CUDA ``max_memory_allocated`` per mode (persistent buffers included);
+on CPU the peak growth of the C heap in use during one step (glibc ``mallinfo2``, polled), i.e. the
+step's transient memory (the persistent K x LoRA-size J buffers are reported as ``J_buffer_MiB``).
 
 Models (random weights, nothing downloaded): ``tiny`` (the embedded 2-block SD3 transformer, 64 px
 latents 16x8x8, LoRA r 16) and ``sd35m`` (SD3Transformer2DModel built from SD3.5 Medium's config:
@@ -31,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,27 +164,60 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(s, mode: str) -> float:
-    """Seconds per optimizer step; the every-4 mode is timed over 4 steps (1 captured, 3 plain)."""
+def timed(s, mode: str) -> tuple[float, float]:
+    """(wall, process CPU) seconds per optimizer step; the every-4 mode is timed over 4 steps (1
+    captured, 3 plain)."""
     steps = 4 if mode.endswith("every4") else 1
     sync(s["device"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         run_mode(s, mode, step)
     sync(s["device"])
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def child_peak(args, mode: str) -> float:
-    """CPU: peak RSS growth (MiB) of ``mode`` over the set-up, measured in a fresh process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-mode", mode, "--model", args.model, "--device",
-           args.device, "--dtype", args.dtype, "--K", str(args.K)]
-    if args.batch:
-        cmd += ["--batch", str(args.batch)]
-    if args.timesteps:
-        cmd += ["--timesteps", str(args.timesteps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+class HeapPeak:
+    """CPU: peak bytes in use on the C heap (glibc mallinfo2: small blocks + mmapped large blocks,
+    where torch's CPU tensors live) while the block runs, polled every 0.2 ms on a thread, minus the
+    bytes in use when it started."""
+
+    def __init__(self):
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = MallInfo2
+
+    def in_use(self) -> int:
+        m = self._libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self.in_use()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.in_use())
+                self._stop.wait(0.0002)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.in_use())
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 def main(argv=None):
@@ -199,9 +232,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the per-mode child processes")
+    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the heap measurement")
     ap.add_argument("--out", default=None, help="default: bench/results/grad_<device type>.json")
-    ap.add_argument("--child-mode", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
@@ -209,15 +241,10 @@ def main(argv=None):
     if dev.type == "cpu":
         torch.set_num_threads(1)
     s = setup(args)
-    if args.child_mode:  # CPU peak memory of one mode
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for step in range(4):
-            run_mode(s, args.child_mode, step)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-        return None
     modes = args.modes.split(",")
     repeats = args.repeats or (8 if dev.type == "cuda" else 12)
     times = {m: [] for m in modes}
+    cpu_times = {m: [] for m in modes}
     peak = {}
     for m in modes:  # warm-up (and CUDA peak memory per mode)
         if dev.type == "cuda":
@@ -229,10 +256,20 @@ def main(argv=None):
             peak[m] = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(repeats):  # round-robin: every mode sees the same machine load
         for m in modes:
-            times[m].append(timed(s, m))
-    med = {m: statistics.median(v) for m, v in times.items()}
-    if dev.type == "cpu" and not args.no_memory:
-        peak = {m: child_peak(args, m) for m in modes}
+            wall, cpu = timed(s, m)
+            times[m].append(wall)
+            cpu_times[m].append(cpu)
+    # CPU: process CPU time (one thread), which a machine shared with other jobs does not inflate the
+    # way it does wall time; CUDA: wall time after synchronize
+    basis = cpu_times if dev.type == "cpu" else times
+    med = {m: statistics.median(v) for m, v in basis.items()}
+    wall_med = {m: statistics.median(v) for m, v in times.items()}
+    if dev.type == "cpu" and not args.no_memory:  # per mode, after the warm-up: one step (4 for every4)
+        for m in modes:
+            with HeapPeak() as hp:
+                for step in range(4 if m.endswith("every4") else 1):
+                    run_mode(s, m, step)
+            peak[m] = hp.growth_mib
     base = med.get("single")
     res = {}
     if base:
@@ -249,9 +286,11 @@ def main(argv=None):
         "gradient_checkpointing": args.gradient_checkpointing,
         "J_buffer_MiB": 4 * args.K * n_lora / 2**20,
     }
-    out = {**res, "step_seconds": med, "peak_memory_MiB": peak,
+    out = {**res, "step_seconds": med,
+           "step_seconds_basis": "median process CPU time (1 thread)" if dev.type == "cpu" else "median wall time",
+           "step_wall_seconds": wall_med, "peak_memory_MiB": peak,
            "peak_memory_note": ("torch.cuda.max_memory_allocated per mode" if dev.type == "cuda" else
-                                "CPU: peak RSS growth over the set-up, one child process per mode"),
+                                "CPU: peak growth of the C heap in use during one step (glibc mallinfo2, polled)"),
            "meta": meta}
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"grad_{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

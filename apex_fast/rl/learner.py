@@ -133,7 +133,7 @@ class GRPOLearner(Learner):
                 if Ahat_mine is not None and self.global_step % self.cfg.balance.gram_every_steps == 0:
                     self.captured_step(samples, idx, adv[idx], Ahat_mine[idx], Ahat, stats)
                 else:
-                    a = adv[idx] if self.coef is None else Ahat_mine[idx] @ self.coef.to(adv)
+                    a = adv[idx] if self.coef is None or Ahat_mine is None else Ahat_mine[idx] @ self.coef.to(adv)
                     self.plain_step(samples, idx, a, stats)
                 stats["grad_norm"].append(self.engine.step(t.max_grad_norm))
                 self.global_step += 1
