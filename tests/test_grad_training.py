@@ -39,9 +39,13 @@ def grads_of(tr):
     return g
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "apex"])
-def test_captured_step_equals_reference_and_plain_gradient(tmp_path, method):
-    tr = Trainer(make_cfg(tmp_path, f"balance.method={method}", "balance.gradients=one_backward"))
+@pytest.mark.parametrize("method,extra", [("pcgrad", ()), ("apex", ()), ("upgrad", ()), ("cagrad", ()),
+                                          ("apex", ("model.gradient_checkpointing=true",))])
+def test_captured_step_equals_reference_and_plain_gradient(tmp_path, method, extra):
+    # groups of 4: with groups of 2 every Ahat column is a +-1 pattern, Ahat c can nearly cancel and
+    # the renormalised c (divided by the std of Ahat c) turns float rounding into large differences
+    tr = Trainer(make_cfg(tmp_path, f"balance.method={method}", "balance.gradients=one_backward",
+                          "sample.group_size=4", "train.micro_batch_size=4", *extra))
     samples, group_ids, R_local, _ = tr.rollout(0)
     R, group_ids = tr.runtime.gather_samples(R_local, group_ids[samples.global_index], samples.global_index)
     A, _ = tr.balancer.advantages(R, group_ids)
@@ -76,7 +80,7 @@ def test_captured_step_equals_reference_and_plain_gradient(tmp_path, method):
             assert rel(a, b) < 1e-5
     # the reference gradient: the ordinary training loss (+ KL) with the advantages actually trained on
     # (first step after sampling: ratio ~ 1, inside the clip range, so the clip masks agree)
-    if method == "pcgrad":
+    if method != "apex":
         assert c1 is not None and torch.allclose(c1, c2, rtol=1e-5)
         adv = Ahat_mine[idx] @ c1.float()
     else:

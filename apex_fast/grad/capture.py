@@ -225,6 +225,6 @@ class ObjectiveGradients:
         return out
 
     def zero_(self) -> None:
-        for s in self.slots:
-            if s.J is not None:
-                s.J.zero_()
+        bufs = [s.J for s in self.slots if s.J is not None]
+        if bufs:
+            torch._foreach_zero_(bufs)

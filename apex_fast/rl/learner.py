@@ -163,7 +163,9 @@ class GRPOLearner(Learner):
         A = a.float().clamp(-self.cfg.balance.adv_clip, self.cfg.balance.adv_clip)
         m = (a != 0).float()
         self.grads.zero_()
-        d_step = [torch.zeros_like(p) for p in self.params]  # this step's update, handed to the engine at the end
+        direct = getattr(self.engine, "accepts_direct_grads", False)
+        # DeepSpeed: this step's update, handed to the engine at the end
+        d_step = None if direct else [torch.zeros_like(p) for p in self.params]
         for j in range(T):
             # the bare model, not engine.module: DeepSpeed hooks the outputs of its own forward and would
             # run its reduction epilogue after the objective pass (which is not a training backward)
@@ -178,20 +180,28 @@ class GRPOLearner(Learner):
             W = Ahat_idx * u[:, None]  # objective k's per-sample weights, the update's clip mask
             update = None if self.aggregates else A * m * u
             neg_ratio = -ratio / (n * T)  # the unweighted per-sample loss
-            # torch.autograd.grad, not engine.backward: the objective pass must not reach .grad (DeepSpeed's
-            # ZeRO hooks would reduce a gradient the aggregators replace); its update column is handed to
-            # the engine with the combined update below, through the engine's own backward
-            if isinstance(self.grads, ObjectiveGradients):
-                with self.grads.capture(W, update):
-                    g = torch.autograd.grad(neg_ratio.sum(), self.params, retain_graph=kl_on, allow_unused=True)
+            if direct:  # the torch engine: the update column lands in .grad from this very backward
+                if isinstance(self.grads, ObjectiveGradients):
+                    with self.grads.capture(W, update):
+                        self.engine.backward(neg_ratio.sum(), retain_graph=kl_on)
+                else:
+                    self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
+                    if update is not None:
+                        self.engine.backward((update * neg_ratio).sum(), retain_graph=kl_on)
             else:
-                self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
-                g = None if update is None else torch.autograd.grad(
-                    (update * neg_ratio).sum(), self.params, retain_graph=kl_on, allow_unused=True)
-            if update is not None:
-                for i, gi in enumerate(g):
-                    if gi is not None:
-                        d_step[i] += gi
+                # DeepSpeed: torch.autograd.grad, so the objective pass does not reach .grad (ZeRO's hooks
+                # would reduce a gradient the aggregators replace); the update column goes to the engine
+                # with the combined update below, through its own backward
+                if isinstance(self.grads, ObjectiveGradients):
+                    with self.grads.capture(W, update):
+                        g = torch.autograd.grad(neg_ratio.sum(), self.params, retain_graph=kl_on, allow_unused=True)
+                else:
+                    self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
+                    g = None if update is None else torch.autograd.grad(
+                        (update * neg_ratio).sum(), self.params, retain_graph=kl_on, allow_unused=True)
+                if update is not None:
+                    torch._foreach_add_(d_step, [torch.zeros_like(p) if gi is None else gi
+                                                 for p, gi in zip(self.params, g)])
             if kl_on:  # its own backward: a different cotangent, attributed to no objective
                 kl = step_kl(step.mean, ref_mean, step.std)
                 self.engine.backward(t.kl_beta * (m * kl).sum() / (n * T))
@@ -202,13 +212,14 @@ class GRPOLearner(Learner):
             M = sharded_gram(gram_blocks, self.runtime)
             c = aggregator_coefficients(self.balancer, M)
             self.coef = scaled_coefficients(c, Ahat_all, self.cfg.balance.aggregator_renorm, self.cfg.balance.eps)
-            d_step = aggregated_update(J, self.coef)
-        self.engine.add_grads(d_step)
+            d = aggregated_update(J, self.coef)
+            d_step = d if d_step is None else torch._foreach_add(d_step, d)
+        if d_step is not None:
+            self.engine.add_grads(d_step)
         if self._epoch_J is None:
             self._epoch_J = [g.clone() for g in gram_blocks]
         else:
-            for e, g in zip(self._epoch_J, gram_blocks):
-                e += g
+            torch._foreach_add_(self._epoch_J, gram_blocks)
 
     def _epoch_gram(self) -> torch.Tensor | None:
         """Gram of the epoch's summed captured gradients (None: nothing captured this epoch)."""
