@@ -52,7 +52,7 @@ class BalanceConfig:
     #   aggregators (pcgrad/mgda/cagrad/upgrad) then write c^T J as the update of every step, and every
     #   method's update() gets the Gram of the epoch's summed gradients;
     # k_backward: the same as one_backward by K separate backward passes per timestep (the reference).
-    gradients: str = "proxy"
+    gradients: str = "proxy"  # where per-objective gradients come from: proxy | one_backward | k_backward (README "Per-objective gradients")
     gram_every_steps: int = 1  # one_backward/k_backward: optimizer steps between captures (others: plain steps)
     gram_layers: list | None = None  # module-name globs/substrings of the LoRA layers whose gradients enter the Gram (None: all)
 
