@@ -81,7 +81,7 @@ class TrainConfig:
     ema: bool = True  # EMA of the trainable weights, used for evaluation
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates
-    gram_every: int = 1  # epochs between Gram estimates for balancers that want one (0: never)
+    gram_every: int = 1  # balance.gradients proxy: epochs between Gram probes for balancers that want one (0: never)
     reward_max_failures: int = 5  # stop after a reward fails a whole batch this many times in a row (0: never)
 
 

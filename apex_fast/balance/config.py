@@ -9,6 +9,7 @@ from dataclasses import dataclass
 METHODS = ("static", "gdpo", "apex", "pcgrad", "mgda", "cagrad", "upgrad")
 CONFLICT_SOURCES = ("auto", "gram", "proxy")
 WARMUP_PRIORITIES = ("uniform", "weights")
+GRADIENTS = ("proxy", "one_backward", "k_backward")
 
 
 @dataclass
@@ -44,6 +45,17 @@ class BalanceConfig:
     pcgrad_seed: int = 0  # seed of PCGrad's random projection order (its generator is checkpointed)
     aggregator_renorm: bool = True  # batch-renormalise Ahat @ c (direction from c, scale as APEX's stage 2)
 
+    # --- where the per-objective gradients come from (apex_fast/grad/, README "Per-objective gradients") ---
+    # proxy: K extra backward passes on the first micro-batch at the first trained timestep, before the
+    #   update, every train.gram_every epochs, only for balancers that want a Gram;
+    # one_backward: all K gradients of the whole update from the update's own backward (LoRA only);
+    #   aggregators (pcgrad/mgda/cagrad/upgrad) then write c^T J as the update of every step, and every
+    #   method's update() gets the Gram of the epoch's summed gradients;
+    # k_backward: the same as one_backward by K separate backward passes per timestep (the reference).
+    gradients: str = "proxy"  # where per-objective gradients come from: proxy | one_backward | k_backward (README "Per-objective gradients")
+    gram_every_steps: int = 1  # one_backward/k_backward: optimizer steps between captures (others: plain steps)
+    gram_layers: list | None = None  # module-name globs/substrings of the LoRA layers whose gradients enter the Gram (None: all)
+
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
             if not ok:
@@ -78,6 +90,15 @@ class BalanceConfig:
              f"must be an integer, got {self.pcgrad_seed!r}")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
+        need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
+        need(isinstance(self.gram_every_steps, int) and not isinstance(self.gram_every_steps, bool)
+             and self.gram_every_steps >= 1, "gram_every_steps",
+             f"must be an integer >= 1, got {self.gram_every_steps!r}")
+        if self.gram_layers is not None:
+            need(isinstance(self.gram_layers, (list, tuple)) and len(self.gram_layers) > 0
+                 and all(isinstance(g, str) and g for g in self.gram_layers), "gram_layers",
+                 f"must be null or a non-empty list of module-name patterns (e.g. ['transformer_blocks.23.*']), "
+                 f"got {self.gram_layers!r}")
         if self.targets is not None:
             need(isinstance(self.targets, (list, tuple)), "targets",
                  f"must be a list with one target (or null) per reward, got {self.targets!r}")

@@ -2,8 +2,18 @@
 
     sequence.py    the balancer sequence of an epoch: advantages -> Gram -> update -> advantages
     probe.py       Gram probed by K backward passes on one micro-batch (balance.gradients: proxy)
+    capture.py     all K gradients of the whole update from its own backward (balance.gradients: one_backward)
+    kbackward.py   the same by K separate backward passes (balance.gradients: k_backward, the reference)
+    reduce.py      the Gram of the rank-averaged gradients: partial Grams over shards + one K x K all-reduce
+    combine.py     the aggregators' update c^T J, scaled as the balancer's advantages are
 """
+from .capture import ObjectiveGradients, lora_linears, weighted_products
+from .combine import aggregated_update, aggregator_coefficients, is_aggregator, scaled_coefficients
+from .kbackward import KBackwardGradients
 from .probe import probe_gram
+from .reduce import sharded_gram
 from .sequence import EpochAdvantages, commit_epoch, epoch_advantages
 
-__all__ = ["EpochAdvantages", "commit_epoch", "epoch_advantages", "probe_gram"]
+__all__ = ["EpochAdvantages", "KBackwardGradients", "ObjectiveGradients", "aggregated_update",
+           "aggregator_coefficients", "commit_epoch", "scaled_coefficients", "epoch_advantages", "is_aggregator", "lora_linears", "probe_gram",
+           "sharded_gram", "weighted_products"]

@@ -1,18 +1,38 @@
 """The GRPO learner (Flow-GRPO, docs/SPEC.md section 1): balancer advantages -> for each micro-batch
 and trained timestep, the clipped policy loss + KL to the LoRA-disabled reference -> optimizer step
-per micro-batch -> EMA. See apex_fast/learner.py for the seam it implements."""
+per micro-batch -> EMA. See apex_fast/learner.py for the seam it implements.
+
+Per-objective gradients (``balance.gradients``, SPEC 5):
+
+* ``proxy``: the Gram probed before the update (grad/probe.py), for balancers that want one.
+* ``one_backward`` / ``k_backward``: on capture steps (every ``balance.gram_every_steps`` optimizer
+  steps) the K objective gradients of the step itself are taken from its backward
+  (grad/capture.py) or from K extra backward passes (grad/kbackward.py), with the clip mask of the
+  advantages being trained on. The policy loss ``sum_i m_i max(-A_i r_i, -A_i clip(r_i)) / n`` has
+  the gradient ``sum_i A_i m_i u_i d(-r_i) / n`` (u: unclipped_mask), so one backward of
+  ``sum_i -r_i / (n T)`` with per-sample weights ``W[i, k] = Ahat[i, k] u_i`` gives objective k's
+  gradient and weights ``A_i m_i u_i`` give the update's. The KL term has another cotangent: its own
+  backward over the same forward, attributed to no objective.
+  - Gram aggregators (pcgrad, mgda, cagrad, upgrad): the step's Gram (partial Grams over rank shards,
+    one K x K all-reduce) -> c -> the update ``c^T J`` (grad/combine.py) replaces the advantages';
+    steps between captures train on ``Ahat c`` with the last c.
+  - Every method: the Gram of the epoch's summed captured gradients goes to ``balancer.update()``
+    after the epoch (APEX's conflict penalty from the real update's cosines).
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..grad import commit_epoch, epoch_advantages, probe_gram
+from ..config import ConfigError
+from ..grad import (KBackwardGradients, ObjectiveGradients, aggregated_update, aggregator_coefficients,
+                    commit_epoch, epoch_advantages, is_aggregator, probe_gram, scaled_coefficients, sharded_gram)
 from ..learner import Learner
 from ..metrics import GRPO_STEP_STATS, advantage_metrics
 from ..models import lora_disabled
 from ..run_state import EMA
-from .loss import grpo_loss
+from .loss import grpo_loss, step_kl, unclipped_mask
 from .rollout import flow_sigmas, predict_velocity
 from .sde import sde_step_with_logprob
 
@@ -27,6 +47,21 @@ class GRPOLearner(Learner):
         self.global_step = 0
         t = cfg.train
         self.ema = EMA(weights, t.ema_decay, t.ema_every) if t.ema else None
+        self.grads = None  # per-objective gradient capture (balance.gradients one_backward | k_backward)
+        self.coef: torch.Tensor | None = None  # aggregators: the scaled c of the last capture step
+        self.aggregates = False
+        self._epoch_J: list[torch.Tensor] | None = None  # captured Gram blocks summed over the epoch
+        b = cfg.balance
+        if b.gradients != "proxy":
+            if not cfg.lora.enabled:
+                raise ConfigError(f"balance.gradients: {b.gradients} needs LoRA (lora.enabled: true); use "
+                                  f"balance.gradients: proxy for full fine-tuning")
+            if engine.zero_stage == 3:
+                raise ConfigError(f"balance.gradients: {b.gradients} is not supported under ZeRO-3 (partitioned "
+                                  f"LoRA weights); use ZeRO-2 (configs/ds_zero2.json) or balance.gradients: proxy")
+            self.aggregates = is_aggregator(balancer)
+            make = ObjectiveGradients if b.gradients == "one_backward" else KBackwardGradients
+            self.grads = make(self.transformer, self.params, balancer.K, b.gram_layers, collect_all=self.aggregates)
 
     # ------------------------------------------------------------------ one epoch
     def learn(self, batch, R, group_ids, epoch):
@@ -41,9 +76,12 @@ class GRPOLearner(Learner):
             def measure(Ahat):
                 self.transformer.train()
                 return self.probe_gram(samples, Ahat[mine].to(device))
+        if self.grads is not None:
+            measure = None  # measured during the update itself, committed after it (lagged flow)
         adv = epoch_advantages(self.balancer, R, group_ids, measure, same_epoch=True)
-        tstats = self.train_epoch(samples, adv.A[mine].to(device), epoch)
-        commit_epoch(self.balancer, adv)
+        Ahat = None if self.grads is None else self.balancer.objective_advantages
+        tstats = self.train_epoch(samples, adv.A[mine].to(device), epoch, Ahat=Ahat)
+        commit_epoch(self.balancer, adv, gram=self._epoch_gram())
         return {**adv.stats, **adv.update_stats, **tstats, **advantage_metrics(adv.A, group_ids)}
 
     # ------------------------------------------------------------------ losses
@@ -79,20 +117,24 @@ class GRPOLearner(Learner):
                           self.runtime.all_reduce_mean_)
 
     # ------------------------------------------------------------------ the update
-    def train_epoch(self, samples, adv: torch.Tensor, epoch: int) -> dict:
+    def train_epoch(self, samples, adv: torch.Tensor, epoch: int, Ahat: torch.Tensor | None = None) -> dict:
+        """Optimizer steps over this rank's samples; ``adv`` [n] this rank's advantages; ``Ahat`` [N, K]
+        the whole batch's per-objective advantages (needed with balance.gradients one/k_backward)."""
         t = self.cfg.train
         self.transformer.train()
         stats = {k: [] for k in GRPO_STEP_STATS}
         main = self.runtime.rank == 0 and self.cfg.log.progress
+        self._epoch_J = None
+        Ahat_mine = None if Ahat is None else Ahat[samples.global_index].to(adv.device, torch.float32)
         for inner in range(t.inner_epochs):
             # local micro-batch b of every rank together = global micro-batch b (any process count)
             mbs = self.layout.micro_batches(epoch, inner)
             for idx in tqdm(mbs, desc=f"epoch {epoch} train", leave=False, disable=not main):
-                a = adv[idx]
-                for j in range(self.num_train_steps):
-                    _, out = self.micro_loss(samples, idx, j, a, model=self.engine.module)
-                    self.engine.backward(out.loss / self.num_train_steps)
-                    self._record(stats, out)
+                if Ahat_mine is not None and self.global_step % self.cfg.balance.gram_every_steps == 0:
+                    self.captured_step(samples, idx, adv[idx], Ahat_mine[idx], Ahat, stats)
+                else:
+                    a = adv[idx] if self.coef is None or Ahat_mine is None else Ahat_mine[idx] @ self.coef.to(adv)
+                    self.plain_step(samples, idx, a, stats)
                 stats["grad_norm"].append(self.engine.step(t.max_grad_norm))
                 self.global_step += 1
                 if self.ema is not None:
@@ -102,6 +144,98 @@ class GRPOLearner(Learner):
         # global batch's (one all-reduce), so the log does not depend on the process count
         vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]
         return dict(zip(out, vals.tolist()))
+
+    def plain_step(self, samples, idx, a: torch.Tensor, stats: dict) -> None:
+        """The gradients of one optimizer step (all trained timesteps of micro-batch ``idx``, advantages
+        ``a``): one backward of the clipped policy loss + KL per timestep."""
+        for j in range(self.num_train_steps):
+            _, out = self.micro_loss(samples, idx, j, a, model=self.engine.module)
+            self.engine.backward(out.loss / self.num_train_steps)
+            self._record(stats, out)
+
+    def captured_step(self, samples, idx, a: torch.Tensor, Ahat_idx: torch.Tensor, Ahat_all: torch.Tensor,
+                      stats: dict) -> None:
+        """The gradients of one optimizer step (all trained timesteps of micro-batch ``idx``) with the K
+        objective gradients captured: into ``.grad`` (via the engine) goes the update of the trained
+        advantages ``a`` (+ KL), or for Gram aggregators ``c^T J`` (+ KL) with c from this step's Gram."""
+        t, T, n = self.cfg.train, self.num_train_steps, len(idx)
+        kl_on = t.kl_beta > 0 and self.cfg.lora.enabled
+        A = a.float().clamp(-self.cfg.balance.adv_clip, self.cfg.balance.adv_clip)
+        m = (a != 0).float()
+        self.grads.zero_()
+        direct = getattr(self.engine, "accepts_direct_grads", False)
+        # DeepSpeed: this step's update, handed to the engine at the end
+        d_step = None if direct else [torch.zeros_like(p) for p in self.params]
+        for j in range(T):
+            # the bare model, not engine.module: DeepSpeed hooks the outputs of its own forward and would
+            # run its reduction epilogue after the objective pass (which is not a training backward)
+            step = self.step_terms(samples, idx, j, model=self.transformer)
+            ref_mean = self.reference_mean(samples, idx, j)
+            old = samples.log_probs[idx, j]
+            out = grpo_loss(step.log_prob.detach(), old, a, clip_range=t.clip_range, adv_clip=self.cfg.balance.adv_clip,
+                            mean=step.mean.detach(), ref_mean=ref_mean, step_std=step.std, kl_beta=t.kl_beta,
+                            denominator=n)  # statistics only
+            ratio = torch.exp(step.log_prob - old)
+            u = unclipped_mask(ratio.detach(), A, t.clip_range)
+            W = Ahat_idx * u[:, None]  # objective k's per-sample weights, the update's clip mask
+            update = None if self.aggregates else A * m * u
+            neg_ratio = -ratio / (n * T)  # the unweighted per-sample loss
+            if direct:  # the torch engine: the update column lands in .grad from this very backward
+                if isinstance(self.grads, ObjectiveGradients):
+                    with self.grads.capture(W, update):
+                        self.engine.backward(neg_ratio.sum(), retain_graph=kl_on)
+                else:
+                    self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
+                    if update is not None:
+                        self.engine.backward((update * neg_ratio).sum(), retain_graph=kl_on)
+            else:
+                # DeepSpeed: torch.autograd.grad, so the objective pass does not reach .grad (ZeRO's hooks
+                # would reduce a gradient the aggregators replace); the update column goes to the engine
+                # with the combined update below, through its own backward
+                if isinstance(self.grads, ObjectiveGradients):
+                    with self.grads.capture(W, update):
+                        g = torch.autograd.grad(neg_ratio.sum(), self.params, retain_graph=kl_on, allow_unused=True)
+                else:
+                    self.grads.accumulate([(W[:, k] * neg_ratio).sum() for k in range(W.shape[1])])
+                    g = None if update is None else torch.autograd.grad(
+                        (update * neg_ratio).sum(), self.params, retain_graph=kl_on, allow_unused=True)
+                if update is not None:
+                    torch._foreach_add_(d_step, [torch.zeros_like(p) if gi is None else gi
+                                                 for p, gi in zip(self.params, g)])
+            if kl_on:  # its own backward: a different cotangent, attributed to no objective
+                kl = step_kl(step.mean, ref_mean, step.std)
+                self.engine.backward(t.kl_beta * (m * kl).sum() / (n * T))
+            self._record(stats, out)
+        J = self.grads.jacobian()
+        gram_blocks = self.grads.jacobian(gram=True)
+        if self.aggregates:
+            M = sharded_gram(gram_blocks, self.runtime)
+            c = aggregator_coefficients(self.balancer, M)
+            self.coef = scaled_coefficients(c, Ahat_all, self.cfg.balance.aggregator_renorm, self.cfg.balance.eps)
+            d = aggregated_update(J, self.coef)
+            d_step = d if d_step is None else torch._foreach_add(d_step, d)
+        if d_step is not None:
+            self.engine.add_grads(d_step)
+        if self._epoch_J is None:
+            self._epoch_J = [g.clone() for g in gram_blocks]
+        else:
+            torch._foreach_add_(self._epoch_J, gram_blocks)
+
+    def _epoch_gram(self) -> torch.Tensor | None:
+        """Gram of the epoch's summed captured gradients (None: nothing captured this epoch)."""
+        if self.grads is None or self._epoch_J is None:
+            return None
+        M = sharded_gram(self._epoch_J, self.runtime)
+        self._epoch_J = None
+        return M
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "grad_coef": self.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        coef = state.get("grad_coef")
+        self.coef = None if coef is None else torch.as_tensor(coef, dtype=torch.float64).clone()
 
     def _record(self, stats: dict, out) -> None:
         with torch.no_grad():

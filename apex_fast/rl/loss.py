@@ -48,3 +48,19 @@ def grpo_loss(
     n = denominator or advantages.shape[0]
     loss = (mask * (pol + kl_beta * kl)).sum() / n
     return LossOut(loss, pol.detach(), kl.detach(), ratio.detach())
+
+
+def unclipped_mask(ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """[n] 1.0 where the gradient of ``max(-A ratio, -A clip(ratio))`` flows through ratio (the
+    unclipped branch is the max, or the ratio is inside the clip range), else 0.0. With it the policy
+    loss's gradient is ``sum_i A_i mask_i d(-ratio_i)``: linear in the advantages, which is what lets
+    one backward give every objective's gradient (grad/capture.py). Ties split the gradient between
+    equal branches whose derivatives are equal, so the mask is exact there too."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return (unclipped >= clipped).to(ratio.dtype)
+
+
+def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, step_std: torch.Tensor) -> torch.Tensor:
+    """[n] KL of the two Gaussian steps: mean over (C, H, W) of (mu - mu_ref)^2 / (2 std^2) (as grpo_loss)."""
+    return ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)

@@ -53,6 +53,8 @@ class TorchEngine:
                                            weight_decay=t.weight_decay)
 
     zero_stage = 0
+    # gradients may reach .grad by any backward (DeepSpeed: only through its backward or add_grads)
+    accepts_direct_grads = True
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         loss.backward(retain_graph=retain_graph)
@@ -63,9 +65,8 @@ class TorchEngine:
         with torch.no_grad():
             for p, g in zip(self.params, grads):
                 if p.grad is None:
-                    p.grad = g.to(p.dtype).clone()
-                else:
-                    p.grad.add_(g.to(p.dtype))
+                    p.grad = torch.zeros_like(p)
+            torch._foreach_add_([p.grad for p in self.params], [g.to(p.dtype) for p, g in zip(self.params, grads)])
 
     def step(self, max_grad_norm: float) -> float:
         if self.runtime.distributed:
@@ -192,6 +193,8 @@ class DeepSpeedEngine:
     @property
     def zero3(self) -> bool:
         return self.stage == 3
+
+    accepts_direct_grads = False
 
     @property
     def zero_stage(self) -> int:

@@ -1,0 +1,113 @@
+"""Per-objective gradients over ranks (gloo, CPU): the sharded Gram (each rank's partial Gram over
+the shard of the averaged J it owns after one reduce-scatter, one all-reduce of K x K values) is the
+one-process Gram and identical on every rank; a 2-process DeepSpeed ZeRO-2 run with
+balance.gradients one_backward trains like one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apex_fast.config import load_config
+from apex_fast.grad import sharded_gram
+from apex_fast.train import Trainer
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+FAST = [
+    "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
+    "sample.max_sequence_length=8", "train.lr=1e-2", "train.timestep_fraction=0.5", "eval.num_steps=2",
+    "eval.num_prompts=2", "eval.every=0", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+    "log.plot=false", "train.epochs=2", "balance.method=pcgrad", "balance.gradients=one_backward",
+    'rewards=[{"name":"jpeg_compressibility","weight":0.5},{"name":"colorfulness","weight":0.3},'
+    '{"name":"contrast","weight":0.2}]',
+]
+ATOL = 2e-4  # as tests/test_distributed_multiproc.py: float rounding magnified by Adam, 1 vs 2 processes
+
+GRAM_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from apex_fast.grad import sharded_gram
+from apex_fast.runtime import Runtime
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+def blocks(rank):  # this rank's per-objective gradients: K = 3, three parameters of odd sizes
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(3, *s, generator=g) for s in [(5, 7), (11,), (2, 3, 3)]]
+M = sharded_gram(blocks(r), Runtime(rank=r, world_size=w))
+out = [torch.zeros_like(M) for _ in range(w)]
+dist.all_gather(out, M)
+mean = [sum(b) / w for b in zip(*[blocks(q) for q in range(w)])]
+flat = torch.cat([b.reshape(3, -1) for b in mean], 1).double()
+if r == 0:
+    json.dump(dict(same=all(torch.equal(o, M) for o in out), err=float((M - flat @ flat.T).abs().max()),
+                   scale=float((flat @ flat.T).abs().max())), open({out!r}, "w"))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def test_sharded_gram_is_the_gram_of_the_mean_and_identical_on_every_rank(tmp_path):
+    script, out = tmp_path / "gram.py", tmp_path / "gram.json"
+    script.write_text(GRAM_SCRIPT.format(root=str(ROOT), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same"] and res["err"] <= 1e-5 * res["scale"], res
+    one = [torch.randn(2, 4), torch.randn(2, 3)]  # one process: the plain Gram
+    flat = torch.cat(one, 1).double()
+    assert torch.allclose(sharded_gram(one), flat @ flat.T, atol=1e-5)
+
+
+def test_zero2_two_processes_one_backward_equal_one_process(tmp_path):
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "apex_fast" / "train.py"), "--config", TINY, "--output-dir", str(two), "--deepspeed",
+           str(ROOT / "configs" / "ds_zero2.json")]
+    for o in FAST + ["train.micro_batch_size=1"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+    Trainer(load_config(TINY, FAST + ["train.micro_batch_size=2", f"log.output_dir={tmp_path / 'one'}"])).fit()
+    w1 = load_file(str(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors"))
+    w2 = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    fresh = Trainer(load_config(TINY, FAST + ["train.epochs=0", f"log.output_dir={tmp_path / 'fresh'}"]))
+    from apex_fast.models import lora_state_dict
+
+    w0 = lora_state_dict(fresh.transformer)
+    keys = [k for k in w1 if "lora_B" in k]
+    moved = max(float(w1[k].abs().max()) for k in keys)  # lora_B starts at 0
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert moved > 100 * ATOL and diff <= ATOL, (moved, diff)
+    assert len(w0) == len(w1)
+
+
+def test_one_backward_under_zero3_is_a_config_error(tmp_path):
+    from types import SimpleNamespace
+
+    from apex_fast.config import ConfigError
+    from apex_fast.rl.learner import GRPOLearner
+
+    tr = Trainer(load_config(TINY, FAST + ["train.micro_batch_size=2", f"log.output_dir={tmp_path / 'z3'}"]))
+    with pytest.raises(ConfigError, match="not supported under ZeRO-3"):
+        GRPOLearner(tr.cfg, tr.runtime, SimpleNamespace(zero_stage=3), tr.weights, tr.balancer, tr.layout,
+                    tr.pipe.scheduler)
