@@ -1,41 +1,32 @@
-"""Algorithm benchmark: does APEX cure variance hijacking on a cheap multi-objective RL problem?
+"""Algorithm benchmark: which balancer gives the best worst objective on cheap multi-objective RL toys?
 
-    OMP_NUM_THREADS=1 python bench/algorithm.py [--seeds 8] [--epochs 150] [--quick]
+    OMP_NUM_THREADS=1 python bench/algorithm.py                         # every shipped scenario + ablations
+    OMP_NUM_THREADS=1 python bench/algorithm.py --scenario bench/scenarios/k6.yaml --methods apex,gdpo,mgda
+    OMP_NUM_THREADS=1 python bench/algorithm.py --quick                 # 3 seeds x 40 epochs smoke run
 
-Not a test: a CPU-only toy with the structure of the APEX paper's setting, trained with Flow-GRPO's
-clipped loss (apex_fast.rl.loss.grpo_loss, SPEC 1) and every balancer of apex_fast.balance.
+Not a test: CPU-only toys described by scenario files (bench/scenario.py documents the schema and the
+toy), trained with Flow-GRPO's clipped loss (SPEC 1: clip range 0.02, KL to the initial policy with
+beta 0.01, 2 Adam steps per epoch) and every balancer of apex_fast.balance. All seeds of a scenario run
+at once: the toy, the policy gradients (closed form for the Gaussian-linear policy, checked against
+autograd of apex_fast.rl.loss.grpo_loss in tests/test_bench_scenarios.py) and Adam are batched over
+seeds; only the balancers, the code under test, run per seed.
 
-The toy. A "prompt" is an embedding e in R^8; the policy is a Gaussian over a latent z in R^8 with
-mean W e + b and a fixed std (the SDE noise), G samples per prompt form a group; the log-prob is a
-mean over dims as in SPEC 1. K = 4 rewards of z:
-  ocr        sparse, high-variance, highly responsive: the share of 20 "characters" read, a steep
-             sigmoid of a . z against a prompt-dependent difficulty tau(e), quantised to 1/20, with a
-             spurious 1/20 read 10% of the time (recogniser noise). Raw in-group std up to ~0.5.
-             Scenario "jitter" adds N(0, 0.01^2) noise to every OCR reading (a confidence-weighted
-             score), so groups that all fail (or all succeed) are no longer exact ties: the
-             degenerate groups APEX's std floor is meant for.
-  pick, aes, deqa   low-variance perceptual-like scores: base - s_k |z - t_k(e)|^2 / D + a small
-             rugged term (scorer idiosyncrasy), s_k = 0.02 / 0.1 / 0.03 (in-group stds ~1e-3..1e-2).
-             Their targets t_k(e) differ (partial conflicts among them) and have a . t_k = 0, so
-             pushing a . z up for OCR costs every perceptual score (the OCR / aesthetics conflict).
-Preference weights are equal (the static baseline sums the rewards, as Flow-GRPO's multi-reward).
+Gradient methods get the exact per-objective policy gradients at the sampling policy (the surrogate
+with Ahat[:, k], clipped to +-5) and their Gram each epoch and use the new coefficients in the same
+epoch (advantages -> Gram -> update(gram) -> advantages). APEX and FAMO update once per epoch after
+the step (APEX with the Gram of that epoch in the "apex+gram" variant, with the advantage-correlation
+proxy otherwise).
 
-Per epoch: 16 prompts x 16 samples, advantages from the balancer, 2 optimizer steps of the GRPO
-loss (Adam). Gradient methods get the exact per-objective gradients (K backward passes of the
-surrogate with Ahat[:, k] at the sampling policy) and their Gram each epoch, and use the new
-coefficients in the same epoch (update(gram) then advantages() again); "apex+gram" feeds the same
-Gram to APEX's conflict penalty instead of the advantage-correlation proxy; "apex-noP3" is the
-ablation without priorities (dual-stage normalisation with uniform pi: GDPO plus the std floor).
-
-Reported per method, mean +- std over seeds (evaluation: the deterministic policy mean -- the ODE
-analogue -- on 64 held-out prompts, noiseless rewards; improvements in units of the base policy's
-reward std):
-per-objective improvement, worst-objective improvement, hypervolume of the improvement vector
-(reference point 0, i.e. the product of the positive parts), final hijack share rho of ocr (SPEC 3,
-with the preference weights) and effective share of ocr in the advantage actually trained on (mean of
-the last 10 epochs), oscillation (sum over the eval curve of |step| minus |net change|, mean over
-objectives, in base stds: movement that was later undone). Writes bench/results/algorithm.json,
-algorithm.md, algorithm.png (scenario base) and algorithm_jitter.png.
+Reported per scenario and method, mean +- standard error over seeds: improvement of the held-out
+deterministic policy (the ODE analogue, noiseless rewards, 64 held-out prompts) over the base policy,
+in base-policy reward stds; the worst such improvement and the hypervolume (product of the positive
+parts) over the objectives with a signal; the effective share of each objective in the advantage
+trained on (last 10 epochs; |share - weight| max over objectives as "share dev"); oscillation (sum over
+the eval curve of |step| minus |net change|, mean over objectives: movement later undone). APEX is
+compared with every baseline by PAIRED differences over seeds (same environment and initial policy per
+seed): "win" = mean difference > 2 SE, "tie" = within -1 SE, "loss" below that.
+Writes bench/results/algorithm.json, algorithm.md, algorithm.png (summary), algorithm_<scenario>.png
+(per-scenario study: curves, priorities, L, C, N over time).
 """
 from __future__ import annotations
 
@@ -56,283 +47,371 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
-from apex_fast.grad import commit_epoch, epoch_advantages  # noqa: E402
-from apex_fast.rl.loss import grpo_loss  # noqa: E402
+from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios  # noqa: E402
 
-NAMES = ["ocr", "pick", "aes", "deqa"]
-METHODS = ["static", "gdpo", "apex", "apex+gram", "apex-noP3", "pcgrad", "mgda", "cagrad", "upgrad"]
-D = 8  # latent dims
-E = 8  # prompt embedding dims
-CHARS = 20  # OCR quantisation
-
-
-class Toy:
-    """The environment: fixed prompts and reward functions (seeded)."""
-
-    def __init__(self, seed: int, jitter: float = 0.0):
-        self.jitter = jitter
-        g = torch.Generator().manual_seed(10_000 + seed)
-        self.train_prompts = torch.randn(64, E, generator=g) / math.sqrt(E) * 2
-        self.eval_prompts = torch.randn(64, E, generator=g) / math.sqrt(E) * 2
-        a = torch.randn(D, generator=g)
-        self.a = a / a.norm()
-        v = torch.randn(E, generator=g)
-        self.v = v / v.norm()
-        T = torch.randn(D, E, generator=g) * 0.4
-        self.targets = []
-        for _ in range(3):
-            t_b = torch.randn(D, generator=g) * 0.5
-            Tk = T + 0.25 * torch.randn(D, E, generator=g)
-            # no text in the perceptual optimum: a . t_k(e) = 0 for every prompt
-            Tk = Tk - torch.outer(self.a, self.a @ Tk)
-            t_b = t_b - self.a * (self.a @ t_b)
-            self.targets.append((Tk, t_b))
-        self.scale = torch.tensor([0.02, 0.1, 0.03])
-        self.base = torch.tensor([0.85, 5.5, 0.7])
-        self.freq = torch.randn(3, 4, D, generator=g) * 3.0
-        self.phase = torch.rand(3, 4, generator=g) * 2 * math.pi
-
-    def tau(self, e):  # OCR difficulty of each prompt: some prompts are much harder
-        return 0.3 + 0.8 * torch.tanh(2 * e @ self.v)
-
-    def rewards(self, z, e, gen: torch.Generator | None = None) -> torch.Tensor:
-        """z [N, D], e [N, E] -> R [N, 4]. gen: recogniser noise (None: noiseless, for evaluation)."""
-        legible = torch.sigmoid(6.0 * (z @ self.a - self.tau(e)))
-        ocr = torch.floor(legible * CHARS) / CHARS
-        if gen is not None:
-            spurious = (torch.rand(z.shape[0], generator=gen) < 0.1).float() / CHARS
-            ocr = (ocr + spurious).clamp(max=1.0)
-            if self.jitter:
-                ocr = (ocr + self.jitter * torch.randn(z.shape[0], generator=gen)).clamp(0.0, 1.0)
-        cols = [ocr]
-        for k, (Tk, tb) in enumerate(self.targets):
-            t = e @ Tk.T + tb
-            smooth = -((z - t) ** 2).mean(1)
-            rugged = 0.05 * torch.sin(z @ self.freq[k].T + self.phase[k]).mean(1)
-            cols.append(self.base[k] + self.scale[k] * (smooth + rugged))
-        return torch.stack(cols, 1)
-
-
-class Policy(torch.nn.Module):
-    def __init__(self, seed: int, sigma: float = 0.3):
-        super().__init__()
-        g = torch.Generator().manual_seed(20_000 + seed)
-        self.W = torch.nn.Parameter(torch.randn(D, E, generator=g) * 0.1)
-        self.b = torch.nn.Parameter(torch.zeros(D))
-        self.sigma = sigma
-
-    def mean(self, e):
-        return e @ self.W.T + self.b
-
-    def log_prob(self, z, e):  # mean over dims (SPEC 1)
-        mu = self.mean(e)
-        return (-((z - mu) ** 2) / (2 * self.sigma**2) - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)).mean(1)
+BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
+METHODS = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad", "apex"]
+# ablations of APEX: name -> BalanceConfig overrides (method apex)
+VARIANTS = {
+    "apex": {},
+    "apex-noP3": {"warmup_epochs": 10**9},  # dual-stage normalisation with uniform priorities
+    "apex-noL": {"a_l": 0.0},
+    "apex-noN": {"a_n": 0.0},
+    "apex+C": {"lam": 2.0, "conflict_source": "proxy"},
+    "apex+C-gram": {"lam": 2.0, "conflict_source": "gram"},
+    "apex-nofloor": {"kappa": 0.0},
+    "apex-warmup0": {"warmup_epochs": 0},
+    "apex-warmup20": {"warmup_epochs": 20},
+    "apex-rho0": {"rho": 0.0},
+    "apex-rho0.8": {"rho": 0.8},
+    "apex-an2": {"a_n": 2.0},
+}
+ABLATIONS = [k for k in VARIANTS if k != "apex"]
+ABLATION_SCENARIOS = ["paper", "paper_jitter", "noise", "saturating"]
+LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
 
 def make_cfg(method: str) -> BalanceConfig:
-    if method == "apex+gram":
-        return BalanceConfig(method="apex", conflict_source="gram")
-    if method == "apex-noP3":  # ablation: stage 1 + 2 with uniform priorities forever
-        return BalanceConfig(method="apex", warmup_epochs=10**9)
+    if method in VARIANTS:
+        return BalanceConfig(method="apex", **VARIANTS[method])
     return BalanceConfig(method=method)
 
 
-def per_objective_gram(policy: Policy, z, e, old_lp, Ahat, clip_range) -> torch.Tensor:
-    params = [policy.W, policy.b]
-    rows = []
-    for k in range(Ahat.shape[1]):
-        out = grpo_loss(policy.log_prob(z, e), old_lp, Ahat[:, k], clip_range=clip_range)
-        gk = torch.autograd.grad(out.loss, params, allow_unused=True)
-        rows.append(torch.cat([g.reshape(-1) for g in gk]))
-    J = torch.stack(rows).double()
-    return J @ J.T
+class Adam:
+    """torch.optim.Adam's update on plain tensors (batched over seeds)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.p, self.lr, self.b1, self.b2, self.eps = params, lr, betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        for p, g, m, v in zip(self.p, grads, self.m, self.v):
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            p.sub_(self.lr * (m / c1) / ((v / c2).sqrt() + self.eps))
 
 
-def run(method: str, seed: int, epochs: int, eval_every: int, lr: float = 0.005, prompts: int = 16, G: int = 16,
-        inner: int = 2, clip_range: float = 0.02, kl_beta: float = 0.01, jitter: float = 0.0) -> dict:
-    torch.manual_seed(seed)
-    toy, policy = Toy(seed, jitter), Policy(seed)
-    ref = Policy(seed)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    bal = make_balancer(make_cfg(method), [0.25] * 4, NAMES)
-    gen = torch.Generator().manual_seed(30_000 + seed)
-    eval_noise = torch.randn(16, 64, D, generator=torch.Generator().manual_seed(40_000 + seed))
+def log_prob(z, mu):
+    """SPEC 1's per-sample log-prob: mean over latent dims [S, N]."""
+    return (-((z - mu) ** 2) / (2 * SIGMA**2) - math.log(SIGMA) - 0.5 * math.log(2 * math.pi)).mean(-1)
+
+
+def grpo_grad(W, b, e, z, old_lp, A, mu_ref, clip_range=CLIP, kl_beta=KL_BETA, adv_clip=ADV_CLIP):
+    """Closed-form gradient of apex_fast.rl.loss.grpo_loss (with KL, mask A != 0, denominator N) for the
+    Gaussian-linear policy mu = W e + b: returns (dW [S, D, E], db [S, D])."""
+    N = A.shape[-1]
+    mu = torch.einsum("sde,sne->snd", W, e) + b[:, None]
+    Ac = A.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob(z, mu) - old_lp)
+    active = ((Ac > 0) & (ratio <= 1 + clip_range)) | ((Ac < 0) & (ratio >= 1 - clip_range))
+    mask = (A != 0).to(z.dtype)
+    dlp = (z - mu) / (SIGMA**2 * D)  # d logp / d mu
+    dkl = (mu - mu_ref) / (SIGMA**2 * D)  # d KL / d mu
+    gmu = mask[..., None] * ((-Ac * ratio * active)[..., None] * dlp + kl_beta * dkl) / N
+    return torch.einsum("snd,sne->sde", gmu, e), gmu.sum(1)
+
+
+def objective_gram(Ahat, e, z, mu):
+    """M = J J^T of the per-objective surrogate gradients at the sampling policy (ratio 1, no KL):
+    g_k = -(1/N) sum_i Ahat[i, k] grad logp_i, grad logp_i = ((z - mu) / (sigma^2 D)) x [e_i, 1]. [K, K]."""
+    N = Ahat.shape[0]
+    dlp = (z - mu) / (SIGMA**2 * D)
+    Kx = (dlp @ dlp.T) * (e @ e.T + 1)  # <grad logp_i, grad logp_j> over (W, b)
+    A = Ahat.double().clamp(-ADV_CLIP, ADV_CLIP)
+    return A.T @ Kx @ A / N**2
+
+
+def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int = 5, trace: bool = False) -> dict:
+    """Train every seed of ``sc`` with ``method``; returns per-seed metrics (and per-epoch traces)."""
+    S, P, G, K = len(seeds), sc.prompts_per_epoch, sc.group_size, sc.K
+    N = P * G
+    dt = torch.float64
+    W = torch.stack([torch.randn(D, 8, generator=torch.Generator().manual_seed(20_000 + s)) * 0.1
+                     for s in seeds]).to(dt)
+    b = torch.zeros(S, D, dtype=dt)
+    toy = ToyBatch(sc, seeds, W, b)
+    opt = Adam([W, b], LR)
+    W0, b0 = W.clone(), b.clone()
+    cfg = make_cfg(method)
+    bals = [make_balancer(cfg, sc.w, sc.names) for _ in seeds]
+    gen = torch.Generator().manual_seed(30_000 + seeds[0] * 7919)
+    gid = torch.arange(P).repeat_interleave(G)
+    ev = toy.eval_prompts
 
     def evaluate():
-        with torch.no_grad():
-            e = toy.eval_prompts
-            det = toy.rewards(policy.mean(e), e).mean(0)
-            return det
+        mu = torch.einsum("sde,sne->snd", W, ev) + b[:, None]
+        return toy.rewards(mu, ev).mean(1)  # [S, K]
 
-    with torch.no_grad():  # base-model reward std: stochastic samples on the eval prompts
-        e = toy.eval_prompts
-        base_samples = torch.cat([toy.rewards(policy.mean(e) + policy.sigma * eval_noise[i], e) for i in range(16)])
-        base_std = base_samples.std(0)
+    egen = torch.Generator().manual_seed(40_000 + seeds[0])
+    mu0 = torch.einsum("sde,sne->snd", W0, ev) + b0[:, None]
+    base = torch.cat([toy.rewards(mu0 + SIGMA * torch.randn(mu0.shape, generator=egen, dtype=dt), ev)
+                      for _ in range(16)], 1)
+    base_std = base.std(1)
+    base_std = torch.where(base_std > 0, base_std, torch.ones_like(base_std))  # noise objectives: 0 / 1
     curve = [evaluate()]
-    hist = {k: [] for k in ("hijack_ocr", "effective_ocr", "priority", "coef")}
+    eff_hist, trace_hist = [], {k: [] for k in ("priority", "L", "C", "N", "rbar", "eff", "hijack")}
+    same_epoch = method in ("pcgrad", "mgda", "cagrad", "upgrad")
     for epoch in range(epochs):
-        idx = torch.randint(0, toy.train_prompts.shape[0], (prompts,), generator=gen)
-        e = toy.train_prompts[idx].repeat_interleave(G, 0)
-        gid = torch.arange(prompts).repeat_interleave(G)  # one group per sampled prompt
-        with torch.no_grad():
-            z = policy.mean(e) + policy.sigma * torch.randn(e.shape[0], D, generator=gen)
-            old_lp = policy.log_prob(z, e)
-            R = toy.rewards(z, e, gen)
-        # advantages -> Gram -> update -> advantages (grad.sequence): same-epoch for the aggregators,
-        # lagged for APEX (its Gram feeds the conflict penalty after training)
-        measure = (lambda Ahat: per_objective_gram(policy, z, e, old_lp, Ahat, clip_range)) if bal.wants_gram else None
-        adv = epoch_advantages(bal, R, gid, measure, same_epoch=not method.startswith("apex"))
-        A, stats = adv.A, adv.stats
-        for _ in range(inner):
-            out = grpo_loss(policy.log_prob(z, e), old_lp, A, clip_range=clip_range, mean=policy.mean(e),
-                            ref_mean=ref.mean(e).detach(), step_std=torch.full((e.shape[0],), policy.sigma),
-                            kl_beta=kl_beta)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            commit_epoch(bal, adv)
-        hist["hijack_ocr"].append(stats["hijack_share/ocr"])
-        hist["effective_ocr"].append(stats["effective_share/ocr"])
-        hist["priority"].append([stats[f"priority/{n}"] for n in NAMES])
+        idx = torch.randint(0, toy.train_prompts.shape[1], (S, P), generator=gen)
+        e = torch.gather(toy.train_prompts, 1, idx[..., None].expand(S, P, 8)).repeat_interleave(G, 1)
+        mu = torch.einsum("sde,sne->snd", W, e) + b[:, None]
+        z = mu + SIGMA * torch.randn(S, N, D, generator=gen, dtype=dt)
+        old_lp = log_prob(z, mu)
+        R = toy.rewards(z, e, gen).float()
+        A = torch.empty(S, N, dtype=dt)
+        grams, stats_all = [None] * S, []
+        for s, bal in enumerate(bals):
+            a, stats = bal.advantages(R[s], gid)
+            if bal.wants_gram:
+                grams[s] = objective_gram(bal.objective_advantages, e[s], z[s], mu[s])
+                if same_epoch:
+                    stats |= bal.update(gram=grams[s])
+                    a, stats2 = bal.advantages(R[s], gid)
+                    stats |= stats2
+            A[s] = a.double()
+            stats_all.append(stats)
+        mu_ref = torch.einsum("sde,sne->snd", W0, e) + b0[:, None]
+        for _ in range(INNER):
+            opt.step(grpo_grad(W, b, e, z, old_lp, A, mu_ref))
+        for s, bal in enumerate(bals):
+            if not same_epoch:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    stats_all[s] |= bal.update(gram=grams[s])
+        eff_hist.append([[st.get(f"effective_share/{n}", float("nan")) for n in sc.names] for st in stats_all])
+        if trace:
+            for key, pre in (("priority", "priority"), ("L", "L"), ("C", "C"), ("N", "N"), ("eff", "effective_share"),
+                             ("hijack", "hijack_share")):
+                trace_hist[key].append([[st.get(f"{pre}/{n}", float("nan")) for n in sc.names] for st in stats_all])
+            trace_hist["rbar"].append(R.double().mean(1).tolist())
         if (epoch + 1) % eval_every == 0:
             curve.append(evaluate())
-    curve_t = torch.stack(curve)  # [T, K]
-    imp = ((curve_t[-1] - curve_t[0]) / base_std).tolist()
-    steps = (curve_t[1:] - curve_t[:-1]) / base_std
-    osc = (steps.abs().sum(0) - (curve_t[-1] - curve_t[0]).abs() / base_std).mean().item()
-    return dict(
-        improvement=imp, worst=min(imp), hypervolume=float(np.prod(np.clip(imp, 0, None))),
-        hijack_ocr=float(np.mean(hist["hijack_ocr"][-10:])), effective_ocr=float(np.mean(hist["effective_ocr"][-10:])),
-        oscillation=osc, base_std=base_std.tolist(),
-        curve=((curve_t - curve_t[0]) / base_std).tolist(), priority=hist["priority"],
-    )
-
-
-def summarise(results: dict) -> dict:
-    out = {}
-    for m, runs in results.items():
-        imp = np.array([r["improvement"] for r in runs])
-        row = {"improvement_mean": imp.mean(0).tolist(), "improvement_std": imp.std(0).tolist()}
-        for key in ("worst", "hypervolume", "hijack_ocr", "effective_ocr", "oscillation"):
-            v = np.array([r[key] for r in runs])
-            row[key] = [float(v.mean()), float(v.std())]
-        out[m] = row
+    curve_t = torch.stack(curve, 1)  # [S, T, K]
+    rel = (curve_t - curve_t[:, :1]) / base_std[:, None]
+    imp = rel[:, -1]  # [S, K]
+    sig = torch.tensor(sc.signal)
+    steps = rel[:, 1:] - rel[:, :-1]
+    osc = (steps.abs().sum(1) - imp.abs())[:, sig].mean(1)
+    eff = np.nanmean(np.array(eff_hist[-10:]), 0)  # [S, K]
+    w = np.array(sc.w)
+    out = dict(improvement=imp.tolist(), worst=imp[:, sig].min(1).values.tolist(),
+               hypervolume=imp[:, sig].clamp_min(0).prod(1).tolist(), oscillation=osc.tolist(),
+               effective_share=eff.tolist(), share_dev=np.abs(eff - w).max(1).tolist(),
+               curve=rel.tolist())
+    if trace:
+        out["trace"] = {k: np.array(v).transpose(1, 0, 2).tolist() for k, v in trace_hist.items()}  # [S, T, K]
     return out
 
 
-def markdown(summary: dict, meta: dict) -> str:
-    lines = [
-        f"Toy multi-objective GRPO (bench/algorithm.py), {meta['seeds']} seeds x {meta['epochs']} epochs, "
-        f"mean +- std over seeds. Improvements of the held-out deterministic policy over the base policy, "
-        f"in base-policy reward stds (higher is better). HV: product of the positive improvements. "
-        f"rho(ocr): SPEC 3 hijack share; eff(ocr): share of the trained advantage explained by ocr "
-        f"(0.25 = balanced). osc: movement later undone, base stds (lower is better).",
-        "",
-        "| method | " + " | ".join(NAMES) + " | worst | HV | rho(ocr) | eff(ocr) | osc |",
-        "|---|" + "---|" * (len(NAMES) + 5),
-    ]
-    for m, r in summary.items():
-        cells = [f"{a:+.2f} ± {s:.2f}" for a, s in zip(r["improvement_mean"], r["improvement_std"])]
-        cells.append(f"{r['worst'][0]:+.2f} ± {r['worst'][1]:.2f}")
-        cells.append(f"{r['hypervolume'][0]:.2f} ± {r['hypervolume'][1]:.2f}")
-        for key in ("hijack_ocr", "effective_ocr", "oscillation"):
-            cells.append(f"{r[key][0]:.2f}")
+# ----------------------------------------------------------------------------------- reporting
+
+def mse(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean(0)) if x.ndim == 1 else x.mean(0), (x.std(0, ddof=1) / math.sqrt(x.shape[0]))
+
+
+def paired(a, b):
+    d = np.asarray(a) - np.asarray(b)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def verdict(mean, se):
+    return "win" if mean > 2 * se else ("tie" if mean >= -se else "loss")
+
+
+def summarise(sc, res: dict) -> dict:
+    out = {}
+    for m, r in res.items():
+        imp_m, imp_se = mse(r["improvement"])
+        row = {"improvement": [imp_m.tolist(), imp_se.tolist()]}
+        for key in ("worst", "hypervolume", "oscillation", "share_dev"):
+            mm, ss = mse(r[key])
+            row[key] = [mm, float(ss)]
+        row["effective_share"] = np.mean(r["effective_share"], 0).tolist()
+        out[m] = row
+    if "apex" in res:
+        cmp = {}
+        for m in res:
+            if m == "apex":
+                continue
+            c = {}
+            for key in ("worst", "hypervolume"):
+                dm, ds = paired(res["apex"][key], res[m][key])
+                c[key] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
+            dm, ds = paired(res[m]["oscillation"], res["apex"]["oscillation"])  # positive: apex oscillates less
+            c["oscillation"] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
+            cmp[m] = c
+        out["_apex_vs"] = cmp
+    return out
+
+
+def markdown_table(sc, summ: dict, methods: list[str]) -> str:
+    names = sc.names
+    lines = ["| method | " + " | ".join(names) + " | worst | HV | share dev | osc | APEX worst diff | APEX HV diff |",
+             "|---|" + "---|" * (len(names) + 6)]
+    cmp = summ.get("_apex_vs", {})
+    for m in methods:
+        r = summ[m]
+        cells = [f"{a:+.2f} ± {s:.2f}" for a, s in zip(*r["improvement"])]
+        cells += [f"{r['worst'][0]:+.2f} ± {r['worst'][1]:.2f}", f"{r['hypervolume'][0]:.2f} ± {r['hypervolume'][1]:.2f}",
+                  f"{r['share_dev'][0]:.2f}", f"{r['oscillation'][0]:.2f}"]
+        for key in ("worst", "hypervolume"):
+            if m in cmp:
+                c = cmp[m][key]
+                cells.append(f"{c['diff']:+.2f} ± {c['se']:.2f} {c['verdict']}")
+            else:
+                cells.append("")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, summary: dict, path: Path, eval_every: int) -> None:
+def plot_study(sc, res: dict, path: Path, eval_every: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    ax = axes[0]
-    width = 0.8 / len(NAMES)
-    x = np.arange(len(methods))
-    for k, n in enumerate(NAMES):
-        ax.bar(x + (k - 1.5) * width, [summary[m]["improvement_mean"][k] for m in methods], width,
-               yerr=[summary[m]["improvement_std"][k] for m in methods], label=n, capsize=2)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+    ax = axes[0, 0]
+    for m, r in res.items():
+        if m.startswith("apex") and m != "apex":
+            continue
+        c = np.array(r["curve"])  # [S, T, K]
+        sig = np.array(sc.signal)
+        worst = c[:, :, sig].min(2).mean(0)
+        ax.plot(np.arange(len(worst)) * eval_every, worst, label=m, lw=2.2 if m == "apex" else 1.2)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks(x, methods, rotation=30)
-    ax.set_ylabel("improvement (base stds)")
-    ax.set_title("per-objective improvement")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for m in methods:
-        worst = np.array([np.min(np.array(r["curve"]), 1) for r in results[m]]).mean(0)
-        ax.plot(np.arange(len(worst)) * eval_every, worst, label=m)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("worst-objective improvement (base stds)")
-    ax.set_title("worst objective during training")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    if "apex" not in results:
-        ax.set_axis_off()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    pri = np.array([r["priority"] for r in results["apex"]]).mean(0)
-    for k, n in enumerate(NAMES):
-        ax.plot(pri[:, k], label=n)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("pi")
-    ax.set_title("APEX priorities (mean over seeds)")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="epoch", ylabel="worst-objective improvement (base stds)", title=f"{sc.name}: worst objective")
+    ax.legend(fontsize=7)
+    tr = res.get("apex", {}).get("trace")
+    panels = [("priority", "APEX priority pi"), ("L", "learning potential L"), ("C", "conflict penalty C"),
+              ("N", "progress need N")]
+    for ax, (key, title) in zip([axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]], panels):
+        if tr is None:
+            ax.set_axis_off()
+            continue
+        x = np.array(tr[key])  # [S, T, K]
+        for k, n in enumerate(sc.names):
+            ax.plot(np.nanmean(x[:, :, k], 0), label=n)
+        ax.set(xlabel="epoch", title=f"{title} (mean over seeds)")
+        ax.legend(fontsize=7)
+    ax = axes[1, 2]
+    if "apex" in res:
+        c = np.array(res["apex"]["curve"]).mean(0)
+        for k, n in enumerate(sc.names):
+            ax.plot(np.arange(c.shape[0]) * eval_every, c[:, k], label=f"apex {n}")
+        if "gdpo" in res:
+            c = np.array(res["gdpo"]["curve"]).mean(0)
+            for k, n in enumerate(sc.names):
+                ax.plot(np.arange(c.shape[0]) * eval_every, c[:, k], ls="--", color=f"C{k}", alpha=0.6)
+        ax.set(xlabel="epoch", ylabel="improvement (base stds)", title="per objective: apex (solid), gdpo (dashed)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-SCENARIOS = {"base": 0.0, "jitter": 0.01}
+def plot_summary(blob: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scen = list(blob)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
+    for ax, key, title in ((axes[0], "worst", "worst-objective improvement (base stds)"),
+                           (axes[1], "hypervolume", "hypervolume of the improvements")):
+        methods = [m for m in METHODS if all(m in blob[s]["summary"] for s in scen)]
+        width = 0.8 / max(1, len(methods))
+        x = np.arange(len(scen))
+        for i, m in enumerate(methods):
+            vals = [blob[s]["summary"][m][key][0] for s in scen]
+            errs = [blob[s]["summary"][m][key][1] for s in scen]
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, yerr=errs, label=m, capsize=2,
+                   edgecolor="k" if m == "apex" else None, lw=1.5 if m == "apex" else 0)
+        ax.set_xticks(x, scen)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(title + ", mean ± SE over seeds")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--scenario", action="append", default=None,
+                    help="scenario YAML file (or a shipped name); repeatable; default: every bench/scenarios/*.yaml")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list; APEX variants: " + ",".join(VARIANTS))
+    ap.add_argument("--ablations", default=None,
+                    help=f"comma list of APEX variants to add on the ablation scenarios ({','.join(ABLATION_SCENARIOS)}); "
+                         "default: all when no --methods/--scenario is given, 'none' to skip")
+    ap.add_argument("--seeds", type=int, default=None, help="override the scenario's seed count")
+    ap.add_argument("--epochs", type=int, default=None, help="override the scenario's epoch count")
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
-    ap.add_argument("--quick", action="store_true", help="2 seeds x 40 epochs (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="3 seeds x 40 epochs (smoke run), writes *_quick files")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.epochs = 2, 40
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    methods = args.methods.split(",")
+    full = args.scenario is None and args.methods == ",".join(METHODS)
+    scen_paths = args.scenario or [str(p) for p in shipped_scenarios()]
+    scens = [load_scenario(p) for p in scen_paths]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        make_cfg(m).validate()
+    if args.ablations is None:
+        ablations = ABLATIONS if full else []
+    else:
+        ablations = [] if args.ablations == "none" else args.ablations.split(",")
+    if args.quick:
+        args.seeds, args.epochs = 3, 40
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     t0 = time.time()
     report, blob = [], {}
-    for scen in args.scenarios.split(","):
-        results = {}
-        for m in methods:
+    for sc in scens:
+        seeds = list(range(args.seeds or sc.seeds))
+        epochs = args.epochs or sc.epochs
+        ms = methods + [a for a in ablations if sc.name in ABLATION_SCENARIOS and a not in methods]
+        res = {}
+        for m in ms:
             t = time.time()
-            results[m] = [run(m, s, args.epochs, args.eval_every, jitter=SCENARIOS[scen]) for s in range(args.seeds)]
-            print(f"{scen:7s} {m:10s} {time.time() - t:6.1f}s", flush=True)
-        summary = summarise(results)
-        meta = dict(seeds=args.seeds, epochs=args.epochs, eval_every=args.eval_every, methods=methods)
-        report.append(f"### scenario `{scen}` (OCR jitter {SCENARIOS[scen]})\n\n" + markdown(summary, meta))
-        blob[scen] = {"ocr_jitter": SCENARIOS[scen], "summary": summary,
-                      "runs": {m: [{k: v for k, v in r.items() if k != "priority"} for r in rs]
-                               for m, rs in results.items()}}
-        plot(results, summary, out / f"algorithm{suffix}{'' if scen == 'base' else '_' + scen}.png", args.eval_every)
-    meta = dict(seeds=args.seeds, epochs=args.epochs, eval_every=args.eval_every, methods=methods,
+            res[m] = run_scenario(sc, m, seeds, epochs, args.eval_every, trace=(m == "apex"))
+            print(f"{sc.name:13s} {m:14s} {time.time() - t:6.1f}s  worst {np.mean(res[m]['worst']):+.3f} "
+                  f"HV {np.mean(res[m]['hypervolume']):.3f}", flush=True)
+        summ = summarise(sc, res)
+        report.append(f"### scenario `{sc.name}`: {sc.description}\n\n{len(seeds)} seeds x {epochs} epochs, "
+                      f"weights {[round(x, 3) for x in sc.w]}"
+                      f"{', paper-shaped' if sc.paper_shaped else ''}.\n\n" + markdown_table(sc, summ, ms))
+        blob[sc.name] = {"scenario": sc.path, "paper_shaped": sc.paper_shaped, "names": sc.names,
+                         "signal": sc.signal, "weights": sc.w, "seeds": len(seeds), "epochs": epochs,
+                         "summary": summ,
+                         "runs": {m: {k: v for k, v in r.items() if k not in ("curve", "trace")} for m, r in res.items()},
+                         "apex_trace_mean": {k: np.nanmean(np.array(v), 0).tolist()
+                                             for k, v in res.get("apex", {}).get("trace", {}).items()}}
+        plot_study(sc, res, out / f"algorithm{suffix}_{sc.name}.png", args.eval_every)
+    meta = dict(command="OMP_NUM_THREADS=1 python bench/algorithm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 seconds=round(time.time() - t0, 1), torch=torch.__version__, python=platform.python_version(),
-                machine=platform.machine(), cpu_threads=torch.get_num_threads(),
-                omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
-    md = "\n".join(report) + f"\n({meta['seconds']} s on {meta['machine']}, {meta['cpu_threads']} thread)\n"
+                machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    head = ("Toy multi-objective GRPO (bench/algorithm.py, scenarios in bench/scenarios/). Improvements of the "
+            "held-out deterministic policy over the base policy in base-policy reward stds, mean ± SE over seeds "
+            "(higher is better). worst / HV over the objectives with a signal. share dev: max over objectives of "
+            "|effective share - weight| (last 10 epochs). osc: movement later undone (lower is better). "
+            "APEX diff: paired difference APEX - method over seeds ± SE; win > 2 SE, tie >= -1 SE, else loss.\n\n")
+    md = head + "\n".join(report) + (f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} "
+                                     f"({meta['processor']}), {meta['cpu_threads']} thread, load {meta['load_avg']}\n")
     print(md)
     (out / f"algorithm{suffix}.json").write_text(json.dumps({"meta": meta, **blob}, indent=1))
     (out / f"algorithm{suffix}.md").write_text(md)
+    if len(blob) > 1:
+        plot_summary(blob, out / f"algorithm{suffix}.png")
     print(f"wrote {out}/algorithm{suffix}.json/.md/.png in {meta['seconds']}s")
 
 

@@ -210,7 +210,7 @@ class Balancer:
 
     def _p3_stats(self, res: dict) -> dict:
         stats = {}
-        for key in ("L", "C", "N", "v", "conflict_cos"):
+        for key in ("L", "C", "N", "v", "p", "conflict_cos"):
             if bool(torch.isfinite(res[key]).all()):  # conflict_cos is NaN when nothing was measured
                 stats.update(self._vec(key, res[key]))
         stats["conflict_from_gram"] = float(res["from_gram"]) if "from_gram" in res else 0.0

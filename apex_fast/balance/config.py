@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-METHODS = ("static", "gdpo", "apex", "pcgrad", "mgda", "cagrad", "upgrad")
+METHODS = ("static", "gdpo", "apex", "famo", "pcgrad", "mgda", "cagrad", "upgrad")
 CONFLICT_SOURCES = ("auto", "gram", "proxy")
 WARMUP_PRIORITIES = ("uniform", "weights")
 GRADIENTS = ("proxy", "one_backward", "k_backward")
@@ -24,21 +24,30 @@ class BalanceConfig:
     beta_s: float = 0.9  # EMA of sbar_k, the median in-group std of objective k
 
     # --- P^3 adaptive priorities (SPEC 4) ---
-    beta_fast: float = 0.7  # fast EMA of the batch-mean reward rbar_k (also the EMA of progress need)
-    beta_slow: float = 0.95  # slow EMA of rbar_k
+    beta_fast: float = 0.9  # EMA of the batch-mean reward rbar_k whose progress p_k drives P^3
+    beta_slow: float = 0.95  # slow EMA of rbar_k (only for the logged trend v_k)
     beta_conflict: float = 0.7  # EMA of the conflict penalty C_k [design: SPEC names no value]
-    eta: float = 5.0  # learning potential L_k = u_k * sigmoid(eta * v_k)
-    delta: float = 3.0  # default target r*_k = r0_k + delta * s0_k
-    targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: r0 + delta s0
+    need_lookahead: float = 1.0  # N_k uses the projected progress p_k + need_lookahead * v_k
+    conflict_damping: float = 1.0  # the need's gain is a_n * (1 - conflict_damping * C_k): priorities of
+    # strongly conflicting objectives stay near their weights (a small shift there moves a lot: seesaw)
+    need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
+    learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
+    learn_after: float = 0.2  # ... once the mean progress exceeds this many base stds
+    delta: float = 3.0  # with a target r*_k: progress unit (r*_k - r0_k) / delta instead of s0_k
+    targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: unit s0_k
     a_l: float = 1.0  # weight of log L_k in the score s_k
-    a_n: float = 1.0  # weight of log N_k
-    lam: float = 2.0  # lambda, weight of the conflict penalty C_k
+    a_n: float = 1.0  # weight of the progress need N_k
+    lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
     temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
     pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
-    rho: float = 0.8  # smoothing pi = (1 - rho) pihat + rho pi_prev
+    rho: float = 0.95  # smoothing pi = (1 - rho) pihat + rho pi_prev
     warmup_epochs: int = 5  # epochs with fixed priorities before P^3 starts
     warmup_priority: str = "uniform"  # uniform (SPEC) | weights (the preference weights) during warm-up
     conflict_source: str = "auto"  # auto: Gram when update() gets one, else proxy | gram (required) | proxy
+
+    # --- FAMO baseline (adaptive weighting, no Gram) ---
+    famo_lr: float = 0.025  # beta, step size of FAMO's logits (FAMO's default)
+    famo_decay: float = 0.001  # gamma, weight decay of FAMO's logits (FAMO's default)
 
     # --- Gram-form aggregators (SPEC 5) ---
     cagrad_alpha: float = 0.5  # CAGrad's c0 = alpha |g0|
@@ -74,7 +83,10 @@ class BalanceConfig:
         need(number("kappa") >= 0, "kappa", f"must be >= 0 (0 disables the std floor), got {self.kappa}")
         for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict"):
             need(0 <= number(f) < 1, f, f"is an EMA decay and must be in [0, 1), got {getattr(self, f)}")
-        for f in ("eta", "delta", "a_l", "a_n", "lam", "cagrad_alpha"):
+        need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
+        need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
+        need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
+        for f in ("need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
         need(0 <= number("pi_min") < 1, "pi_min",

@@ -95,12 +95,19 @@ class P3Tracker:
         nan = torch.full((self.K,), float("nan"), dtype=torch.float64)
         self.epoch = 0  # number of update() calls so far
         self.sbar = nan.clone()
-        self.r0 = nan.clone()
-        self.s0 = nan.clone()
+        self.r0 = nan.clone()  # baseline mean reward: average of rbar over the first baseline epochs
+        self.s0 = nan.clone()  # baseline reward std (same epochs)
+        self.n0 = torch.zeros(self.K, dtype=torch.float64)  # epochs averaged into r0, s0 so far
         self.ema_fast = nan.clone()
         self.ema_slow = nan.clone()
         self.conflict = nan.clone()
         self.cache: Observation | None = None
+
+    @property
+    def baseline_epochs(self) -> int:
+        """r0, s0 average the first max(1, warmup_epochs) epochs with a reward spread (one epoch's
+        batch mean over a few prompts is too noisy a baseline for progress measured in base stds)."""
+        return max(1, int(min(self.cfg.warmup_epochs, 10)))
 
     # ------------------------------------------------------------------ per batch (pure)
     def sbar_estimate(self, count: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -138,7 +145,7 @@ class P3Tracker:
     def step(self, gram: torch.Tensor | None, source: str) -> dict | None:
         """Commit the cached observation; ``source``: "gram" (cosines from ``gram``), "proxy" (the
         advantage correlation) or "hold" (no new conflict measurement: C keeps its value, 0 if none).
-        Returns dict(L, C, N, v, conflict_cos, pi_used) [K] tensors, or None when nothing was
+        Returns dict(L, C, N, v, p, conflict_cos, pi_used, rbar) [K] tensors, or None when nothing was
         observed since the last step."""
         o = self.cache
         if o is None:
@@ -147,11 +154,13 @@ class P3Tracker:
         cfg, eps = self.cfg, self.cfg.eps
         self.sbar = o.sbar.clone()
         fin = torch.isfinite(o.rbar)
-        # r0, s0: the first epoch with finite rewards that have a spread (an objective whose rewards are
-        # all equal at epoch 0, e.g. a sparse OCR reward, would otherwise get s0 = 0 and no scale)
-        ref = fin & (o.bstd > 0) & ~torch.isfinite(self.r0)
-        self.r0 = torch.where(ref, o.rbar, self.r0)
-        self.s0 = torch.where(ref, o.bstd, self.s0)
+        # r0, s0: running average over the first baseline epochs whose rewards have a spread (an objective
+        # whose rewards are all equal at first, e.g. a sparse OCR reward, would otherwise get s0 = 0)
+        acc = fin & (o.bstd > 0) & (self.n0 < self.baseline_epochs)
+        n1 = self.n0 + 1
+        self.r0 = torch.where(acc, torch.where(self.n0 > 0, self.r0 + (o.rbar - self.r0) / n1, o.rbar), self.r0)
+        self.s0 = torch.where(acc, torch.where(self.n0 > 0, self.s0 + (o.bstd - self.s0) / n1, o.bstd), self.s0)
+        self.n0 = torch.where(acc, n1, self.n0)
         bf, bs = cfg.beta_fast, cfg.beta_slow
         seen = torch.isfinite(self.ema_fast)
         first = fin & ~seen
@@ -159,18 +168,30 @@ class P3Tracker:
         self.ema_fast = torch.where(first, o.rbar, torch.where(upd, bf * self.ema_fast + (1 - bf) * o.rbar, self.ema_fast))
         self.ema_slow = torch.where(first, o.rbar, torch.where(upd, bs * self.ema_slow + (1 - bs) * o.rbar, self.ema_slow))
         init = torch.isfinite(self.r0)
-        # learning potential
-        v = torch.where(init, (self.ema_fast - self.ema_slow) / (self.s0 + eps), torch.zeros_like(self.r0))
-        L = o.usable * torch.sigmoid(cfg.eta * v)
-        # progress need
-        rstar = self.r0 + cfg.delta * self.s0
+        # progress p_k in base stds (or in units of (target - r0) / delta where a target is given)
+        unit = self.s0.clone()
         if cfg.targets is not None:
             t = torch.tensor([float("nan") if x is None else float(x) for x in cfg.targets], dtype=torch.float64)
-            rstar = torch.where(torch.isfinite(t), t, rstar)
-        denom = rstar - self.r0
-        gain = self.ema_fast - self.r0
-        prog = torch.where(denom > eps, gain / denom.clamp_min(eps), torch.where(gain >= denom, 1.0, 0.0).double())
-        N = torch.where(init, 1 - prog.clamp(0, 1), torch.ones_like(prog))
+            unit = torch.where(torch.isfinite(t), (t - self.r0) / cfg.delta, unit)
+        unit = torch.where(unit.abs() > eps, unit, torch.full_like(unit, eps))
+        p = torch.where(init, (self.ema_fast - self.r0) / unit, torch.zeros_like(self.r0))
+        v = torch.where(init, (self.ema_fast - self.ema_slow) / unit.abs(), torch.zeros_like(self.r0))
+        active = (self.weights > 0) & init
+        wa = torch.where(active, self.weights, torch.zeros_like(self.weights))
+        pbar = float((wa * p).sum() / wa.sum()) if bool(active.any()) else 0.0
+        # progress need: how far objective k is behind the weighted mean progress (base stds, clipped)
+        # projected ahead by the trend (need_lookahead x v_k): a lagging objective that is already catching up
+        # needs less, which damps the seesaw of strongly conflicting objectives
+        q = p + cfg.need_lookahead * v
+        qbar = float((wa * q).sum() / wa.sum()) if bool(active.any()) else 0.0
+        N = torch.where(active, (qbar - q).clamp(-cfg.need_clip, cfg.need_clip), torch.zeros_like(p))
+        # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
+        # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted
+        if pbar > cfg.learn_after and cfg.learn_ratio > 0:
+            L = (p / (cfg.learn_ratio * pbar)).clamp(0, 1)
+        else:
+            L = torch.ones_like(p)
+        L = torch.where(active, L, torch.ones_like(L))
         # conflict penalty
         if source == "hold":
             cos = torch.full_like(L, float("nan"))
@@ -182,12 +203,20 @@ class P3Tracker:
             self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
             C = self.conflict.clone()
         self.epoch += 1
-        return dict(L=L, C=C, N=N, v=v, conflict_cos=cos, pi_used=o.pi, from_gram=source == "gram")
+        return dict(L=L, C=C, N=N, v=v, p=p, conflict_cos=cos, pi_used=o.pi, rbar=o.rbar, from_gram=source == "gram")
+
+    def scores(self, L, C, N) -> torch.Tensor:
+        """s_k = a_L log(L_k + eps) + a_N N_k - lambda C_k [N_k < 0]: the conflict penalty applies only
+        to objectives ahead of the mean progress (pushing a leader that conflicts with the others only
+        costs them; penalising a lagging objective for conflicting would keep it behind)."""
+        cfg, eps = self.cfg, self.cfg.eps
+        damp = (1 - cfg.conflict_damping * C).clamp(0, 1)
+        return cfg.a_l * torch.log(L + eps) + cfg.a_n * damp * N - cfg.lam * C * (N < 0).double()
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
         """pihat = normalize(softmax(s / T) * w), floored at pi_min, smoothed with pi_prev (SPEC 4)."""
-        cfg, eps = self.cfg, self.cfg.eps
-        s = cfg.a_l * torch.log(L + eps) + cfg.a_n * torch.log(N + eps) - cfg.lam * C
+        cfg = self.cfg
+        s = self.scores(L, C, N)
         pihat = torch.softmax(s / cfg.temperature, 0) * self.weights
         active = self.weights > 0
         pihat = floor_simplex(pihat / pihat.sum(), cfg.pi_min, active)
@@ -196,12 +225,18 @@ class P3Tracker:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "sbar": self.sbar.clone(), "r0": self.r0.clone(), "s0": self.s0.clone(),
-                "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
+                "n0": self.n0.clone(), "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
                 "conflict": self.conflict.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        for k in ("sbar", "r0", "s0", "ema_fast", "ema_slow", "conflict"):
+        keys = ["sbar", "r0", "s0", "ema_fast", "ema_slow", "conflict"]
+        if "n0" in state:
+            keys.append("n0")
+        else:  # a checkpoint from before the baseline window: its r0, s0 are final
+            self.n0 = torch.where(torch.isfinite(torch.as_tensor(state["r0"], dtype=torch.float64).flatten()),
+                                  float(self.baseline_epochs), 0.0).double()
+        for k in keys:
             t = torch.as_tensor(state[k], dtype=torch.float64).flatten().cpu()
             if t.numel() != self.K:
                 raise ValueError(f"balancer state {k!r} has {t.numel()} values, expected K = {self.K}")
