@@ -62,12 +62,14 @@ VARIANTS = {
     "apex-nofloor": {"kappa": 0.0},
     "apex-warmup0": {"warmup_epochs": 0},
     "apex-warmup20": {"warmup_epochs": 20},
-    "apex-rho0": {"rho": 0.0},
     "apex-rho0.8": {"rho": 0.8},
+    "apex-an1": {"a_n": 1.0},
     "apex-an2": {"a_n": 2.0},
+    "apex-nodamp": {"conflict_damping": 0.0},
+    "apex-damp-gram": {"conflict_source": "gram"},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
-ABLATION_SCENARIOS = ["paper", "paper_jitter", "noise", "saturating"]
+ABLATION_SCENARIOS = ["paper", "k2_conflict", "saturating"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
 

@@ -135,62 +135,7 @@ def test_stage2_clip():
     assert float(A.max()) == pytest.approx(5.0)
 
 
-def test_p3_hand_computed_two_epochs():
-    """L, C, N and pi over two epochs, every quantity recomputed from SPEC 4's formulas."""
-    bal = APEX([1.0, 1.0], kappa=0.0, warmup_epochs=0, conflict_source="proxy")
-    # epoch 0: the two objectives' advantages are exact opposites (corr -1 -> C = 1)
-    R0 = torch.tensor([[0.0, 0.0], [1.0, -1.0], [0.0, 0.0], [2.0, -2.0]])
-    gid0 = torch.tensor([0, 0, 1, 1])
-    _, s0 = bal.advantages(R0, gid0)
-    assert s0["priority/r0"] == pytest.approx(0.5)
-    u0 = bal.update()
-    r0 = 0.75
-    sd0 = math.sqrt(np.var([0.0, 1.0, 0.0, 2.0]))
-    for n in ("r0", "r1"):
-        assert u0[f"L/{n}"] == pytest.approx(0.5)  # u = 1, v = 0
-        assert u0[f"N/{n}"] == pytest.approx(1.0)
-        assert u0[f"C/{n}"] == pytest.approx(1.0, abs=1e-6)
-        assert u0[f"priority_next/{n}"] == pytest.approx(0.5)
-    # epoch 1: objective 0 improves by x, objective 1 stays; advantages uncorrelated (C -> 0.7)
-    x = 0.2
-    sgn0 = [-1, 1, -1, 1, -1, 1, -1, 1]
-    sgn1 = [-1, 1, 1, -1, -1, 1, 1, -1]
-    R1 = torch.tensor([[r0 + x + 0.5 * a, -r0 + 0.5 * b] for a, b in zip(sgn0, sgn1)])
-    gid1 = torch.arange(8) // 2
-    bal.advantages(R1, gid1)
-    u1 = bal.update()
-    ef, es = 0.7 * r0 + 0.3 * (r0 + x), 0.95 * r0 + 0.05 * (r0 + x)
-    v = (ef - es) / (sd0 + EPS)
-    L0 = sigmoid(5 * v)
-    N0 = 1 - min(max((ef - r0) / (3 * sd0), 0), 1)
-    C = 0.7 * 1.0 + 0.3 * 0.0
-    assert u1["v/r0"] == pytest.approx(v, rel=1e-6)
-    assert u1["L/r0"] == pytest.approx(L0, rel=1e-6)
-    assert u1["N/r0"] == pytest.approx(N0, rel=1e-6)
-    assert u1["L/r1"] == pytest.approx(0.5) and u1["N/r1"] == pytest.approx(1.0)
-    assert u1["C/r0"] == pytest.approx(C, abs=1e-6) and u1["C/r1"] == pytest.approx(C, abs=1e-6)
-    s = np.array([math.log(L0 + EPS) + math.log(N0 + EPS) - 2 * C, math.log(0.5 + EPS) + math.log(1 + EPS) - 2 * C])
-    pihat = np.exp(s) / np.exp(s).sum()
-    pi = 0.2 * pihat + 0.8 * 0.5
-    assert u1["priority_next/r0"] == pytest.approx(pi[0], rel=1e-6)
-    assert u1["priority_next/r1"] == pytest.approx(pi[1], rel=1e-6)
-    torch.testing.assert_close(bal.priorities.double(), torch.tensor(pi), atol=1e-6, rtol=0)
-
-
-def test_p3_target_floor_warmup():
-    # a reached target gives N = 0 -> the objective falls to the floor pi_min (rho = 0 to see it at once)
-    bal = APEX([1.0, 1.0, 1.0], kappa=0.0, warmup_epochs=2, rho=0.0, targets=[None, -100.0, None])
-    gid = torch.arange(12) // 3
-    pis = []
-    for e in range(4):
-        g = torch.Generator().manual_seed(e)
-        R = torch.randn(12, 3, generator=g)
-        bal.advantages(R, gid)
-        u = bal.update()
-        pis.append([u[f"priority_next/r{k}"] for k in range(3)])
-    assert pis[0] == pytest.approx([1 / 3] * 3) and pis[1] != pytest.approx([1 / 3] * 3)  # warm-up: 2 epochs
-    assert u["N/r1"] == pytest.approx(0.0) and pis[-1][1] == pytest.approx(0.05)
-    assert sum(pis[-1]) == pytest.approx(1.0) and min(pis[-1]) >= 0.05 - 1e-12
+# P^3 (SPEC 4) hand-computed cases and properties: tests/test_balance_p3.py
 
 
 def test_conflict_from_gram_matches_explicit_vectors():

@@ -36,7 +36,7 @@ class BalanceConfig:
     delta: float = 3.0  # with a target r*_k: progress unit (r*_k - r0_k) / delta instead of s0_k
     targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: unit s0_k
     a_l: float = 1.0  # weight of log L_k in the score s_k
-    a_n: float = 1.0  # weight of the progress need N_k
+    a_n: float = 1.5  # weight of the progress need N_k
     lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
     temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
     pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
