@@ -244,7 +244,7 @@ def summarise(sc, res: dict) -> dict:
             for key in ("worst", "hypervolume"):
                 dm, ds = paired(res["apex"][key], res[m][key])
                 c[key] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
-            dm, ds = paired(res[m]["oscillation"], res["apex"]["oscillation"])  # positive: apex oscillates less
+            dm, ds = paired(res[m]["oscillation"], res["apex"]["oscillation"])  # positive: APEX oscillates less
             c["oscillation"] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
             cmp[m] = c
         out["_apex_vs"] = cmp
@@ -253,15 +253,15 @@ def summarise(sc, res: dict) -> dict:
 
 def markdown_table(sc, summ: dict, methods: list[str]) -> str:
     names = sc.names
-    lines = ["| method | " + " | ".join(names) + " | worst | HV | share dev | osc | APEX worst diff | APEX HV diff |",
-             "|---|" + "---|" * (len(names) + 6)]
+    lines = ["| method | " + " | ".join(names) + " | worst | HV | share dev | osc | APEX worst diff | APEX HV diff | APEX osc diff |",
+             "|---|" + "---|" * (len(names) + 7)]
     cmp = summ.get("_apex_vs", {})
     for m in methods:
         r = summ[m]
         cells = [f"{a:+.2f} ± {s:.2f}" for a, s in zip(*r["improvement"])]
         cells += [f"{r['worst'][0]:+.2f} ± {r['worst'][1]:.2f}", f"{r['hypervolume'][0]:.2f} ± {r['hypervolume'][1]:.2f}",
                   f"{r['share_dev'][0]:.2f}", f"{r['oscillation'][0]:.2f}"]
-        for key in ("worst", "hypervolume"):
+        for key in ("worst", "hypervolume", "oscillation"):
             if m in cmp:
                 c = cmp[m][key]
                 cells.append(f"{c['diff']:+.2f} ± {c['se']:.2f} {c['verdict']}")
@@ -406,7 +406,8 @@ def main(argv=None) -> None:
             "held-out deterministic policy over the base policy in base-policy reward stds, mean ± SE over seeds "
             "(higher is better). worst / HV over the objectives with a signal. share dev: max over objectives of "
             "|effective share - weight| (last 10 epochs). osc: movement later undone (lower is better). "
-            "APEX diff: paired difference APEX - method over seeds ± SE; win > 2 SE, tie >= -1 SE, else loss.\n\n")
+            "APEX diff: paired difference APEX - method over seeds ± SE (osc: method - APEX, so positive is "
+            "better for APEX everywhere); win > 2 SE, tie >= -1 SE, else loss.\n\n")
     md = head + "\n".join(report) + (f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} "
                                      f"({meta['processor']}), {meta['cpu_threads']} thread, load {meta['load_avg']}\n")
     print(md)
