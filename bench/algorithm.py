@@ -225,7 +225,7 @@ def verdict(mean, se):
     return "win" if mean > 2 * se else ("tie" if mean >= -se else "loss")
 
 
-def summarise(sc, res: dict) -> dict:
+def summarise(res: dict) -> dict:
     out = {}
     for m, r in res.items():
         imp_m, imp_se = mse(r["improvement"])
@@ -251,8 +251,7 @@ def summarise(sc, res: dict) -> dict:
     return out
 
 
-def markdown_table(sc, summ: dict, methods: list[str]) -> str:
-    names = sc.names
+def markdown_table(names: list[str], summ: dict, methods: list[str]) -> str:
     lines = ["| method | " + " | ".join(names) + " | worst | HV | share dev | osc | APEX worst diff | APEX HV diff | APEX osc diff |",
              "|---|" + "---|" * (len(names) + 7)]
     cmp = summ.get("_apex_vs", {})
@@ -344,6 +343,69 @@ def plot_summary(blob: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def criteria(blob: dict) -> list[dict]:
+    """The acceptance criteria of issue 17, per scenario: APEX's worst and HV at least every baseline's
+    within 1 SE (paired), above static and gdpo by > 2 SE on paper-shaped scenarios, oscillation no
+    more than gdpo's (within 1 SE)."""
+    rows = []
+    for name, b in blob.items():
+        cmp = b["summary"].get("_apex_vs")
+        if not cmp:
+            continue
+        base = [m for m in BASELINES if m in cmp]
+        row = {"scenario": name, "paper_shaped": b["paper_shaped"]}
+        for key in ("worst", "hypervolume"):
+            row[f"{key}_not_below"] = [m for m in base if cmp[m][key]["verdict"] == "loss"]
+        row["paper_wins"] = (all(cmp[m][k]["verdict"] == "win" for m in ("static", "gdpo") if m in cmp
+                                 for k in ("worst", "hypervolume")) if b["paper_shaped"] else None)
+        row["osc_vs_gdpo"] = cmp["gdpo"]["oscillation"] if "gdpo" in cmp else None
+        rows.append(row)
+    return rows
+
+
+def render(blob: dict, meta: dict) -> str:
+    head = ("Toy multi-objective GRPO (bench/algorithm.py, scenarios in bench/scenarios/). Improvements of the "
+            "held-out deterministic policy over the base policy in base-policy reward stds, mean ± SE over seeds "
+            "(higher is better). worst / HV over the objectives with a signal. share dev: max over objectives of "
+            "|effective share - weight| (last 10 epochs). osc: movement later undone (lower is better). "
+            "APEX diff: paired difference APEX - method over seeds ± SE (osc: method - APEX, so positive is "
+            "better for APEX everywhere); win > 2 SE, tie >= -1 SE, else loss.\n\n")
+    lines = ["| scenario | APEX worst/HV below a baseline by > 1 SE | beats static and gdpo by > 2 SE (paper-shaped) "
+             "| osc gdpo - APEX |", "|---|---|---|---|"]
+    for r in criteria(blob):
+        below = sorted(set(r["worst_not_below"]) | set(r["hypervolume_not_below"]))
+        detail = ", ".join(f"{m} ({'worst' if m in r['worst_not_below'] else ''}"
+                           f"{'+' if m in r['worst_not_below'] and m in r['hypervolume_not_below'] else ''}"
+                           f"{'HV' if m in r['hypervolume_not_below'] else ''})" for m in below) or "none"
+        pw = "n/a" if r["paper_wins"] is None else ("yes" if r["paper_wins"] else "no")
+        o = r["osc_vs_gdpo"]
+        lines.append(f"| {r['scenario']} | {detail} | {pw} | {o['diff']:+.3f} ± {o['se']:.3f} {o['verdict']} |"
+                     if o else f"| {r['scenario']} | {detail} | {pw} | |")
+    report = []
+    for name, b in blob.items():
+        report.append(f"### scenario `{name}`: {b.get('description', '')}\n\n{b['seeds']} seeds x {b['epochs']} epochs, "
+                      f"weights {[round(x, 3) for x in b['weights']]}{', paper-shaped' if b['paper_shaped'] else ''}."
+                      f"\n\n" + markdown_table(b["names"], b["summary"], b.get("methods", list(b["runs"]))))
+    return (head + "#### Acceptance criteria\n\n" + "\n".join(lines) + "\n\n" + "\n".join(report)
+            + f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} ({meta['processor']}), "
+            f"{meta['cpu_threads']} thread, load {meta['load_avg']}\n")
+
+
+def rerender(path: Path) -> None:
+    """Rebuild the summaries, algorithm.md and the summary plot from a saved algorithm.json (per-seed runs)."""
+    data = json.loads(path.read_text())
+    meta = data.pop("meta")
+    for name, b in data.items():
+        b["summary"] = summarise(b["runs"])
+        b.setdefault("methods", list(b["runs"]))
+        b.setdefault("description", load_scenario(name).description if (Path(b.get("scenario", "")).exists()) else "")
+    md = render(data, meta)
+    path.write_text(json.dumps({"meta": meta, **data}, indent=1))
+    path.with_suffix(".md").write_text(md)
+    plot_summary(data, path.with_suffix(".png"))
+    print(md)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", action="append", default=None,
@@ -357,7 +419,10 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 seeds x 40 epochs (smoke run), writes *_quick files")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only rebuild algorithm.md and the summary plot from a saved JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        return rerender(Path(args.render))
     torch.set_num_threads(1)
     full = args.scenario is None and args.methods == ",".join(METHODS)
     scen_paths = args.scenario or [str(p) for p in shipped_scenarios()]
@@ -375,7 +440,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     t0 = time.time()
-    report, blob = [], {}
+    blob = {}
     for sc in scens:
         seeds = list(range(args.seeds or sc.seeds))
         epochs = args.epochs or sc.epochs
@@ -386,13 +451,10 @@ def main(argv=None) -> None:
             res[m] = run_scenario(sc, m, seeds, epochs, args.eval_every, trace=(m == "apex"))
             print(f"{sc.name:13s} {m:14s} {time.time() - t:6.1f}s  worst {np.mean(res[m]['worst']):+.3f} "
                   f"HV {np.mean(res[m]['hypervolume']):.3f}", flush=True)
-        summ = summarise(sc, res)
-        report.append(f"### scenario `{sc.name}`: {sc.description}\n\n{len(seeds)} seeds x {epochs} epochs, "
-                      f"weights {[round(x, 3) for x in sc.w]}"
-                      f"{', paper-shaped' if sc.paper_shaped else ''}.\n\n" + markdown_table(sc, summ, ms))
-        blob[sc.name] = {"scenario": sc.path, "paper_shaped": sc.paper_shaped, "names": sc.names,
-                         "signal": sc.signal, "weights": sc.w, "seeds": len(seeds), "epochs": epochs,
-                         "summary": summ,
+        summ = summarise(res)
+        blob[sc.name] = {"scenario": sc.path, "description": sc.description, "paper_shaped": sc.paper_shaped,
+                         "names": sc.names, "signal": sc.signal, "weights": sc.w, "seeds": len(seeds), "epochs": epochs,
+                         "methods": ms, "summary": summ,
                          "runs": {m: {k: v for k, v in r.items() if k not in ("curve", "trace")} for m, r in res.items()},
                          "apex_trace_mean": {k: np.nanmean(np.array(v), 0).tolist()
                                              for k, v in res.get("apex", {}).get("trace", {}).items()}}
@@ -402,14 +464,7 @@ def main(argv=None) -> None:
                 machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    head = ("Toy multi-objective GRPO (bench/algorithm.py, scenarios in bench/scenarios/). Improvements of the "
-            "held-out deterministic policy over the base policy in base-policy reward stds, mean ± SE over seeds "
-            "(higher is better). worst / HV over the objectives with a signal. share dev: max over objectives of "
-            "|effective share - weight| (last 10 epochs). osc: movement later undone (lower is better). "
-            "APEX diff: paired difference APEX - method over seeds ± SE (osc: method - APEX, so positive is "
-            "better for APEX everywhere); win > 2 SE, tie >= -1 SE, else loss.\n\n")
-    md = head + "\n".join(report) + (f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} "
-                                     f"({meta['processor']}), {meta['cpu_threads']} thread, load {meta['load_avg']}\n")
+    md = render(blob, meta)
     print(md)
     (out / f"algorithm{suffix}.json").write_text(json.dumps({"meta": meta, **blob}, indent=1))
     (out / f"algorithm{suffix}.md").write_text(md)
