@@ -63,8 +63,9 @@ VARIANTS = {
     "apex-warmup0": {"warmup_epochs": 0},
     "apex-warmup20": {"warmup_epochs": 20},
     "apex-rho0.8": {"rho": 0.8},
-    "apex-an1": {"a_n": 1.0},
-    "apex-an2": {"a_n": 2.0},
+    "apex-an1.5": {"a_n": 1.5},
+    "apex-an3": {"a_n": 3.0},
+    "apex-damp1": {"damping_power": 1.0, "a_n": 1.5},
     "apex-nodamp": {"conflict_damping": 0.0},
     "apex-damp-gram": {"conflict_source": "gram"},
 }

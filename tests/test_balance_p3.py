@@ -37,7 +37,8 @@ def _batches(K=3, epochs=12, seed=0, drift=(0.3, 0.1, 0.0)):
 
 def test_p3_hand_computed_two_epochs():
     """p, N, L, C, scores and pi over two epochs, recomputed from SPEC 4's formulas."""
-    bal = APEX([1.0, 1.0], kappa=0.0, warmup_epochs=0, conflict_source="proxy", lam=2.0, rho=0.0)
+    bal = APEX([1.0, 1.0], kappa=0.0, warmup_epochs=0, conflict_source="proxy", lam=2.0, rho=0.0, a_n=2.0,
+               damping_power=2.0)
     # epoch 0: the two objectives' advantages are exact opposites (corr -1 -> C = 1)
     R0 = torch.tensor([[0.0, 0.0], [1.0, -1.0], [0.0, 0.0], [2.0, -2.0]])
     _, st = bal.advantages(R0, torch.tensor([0, 0, 1, 1]))
@@ -67,7 +68,7 @@ def test_p3_hand_computed_two_epochs():
     assert [u1["N/r0"], u1["N/r1"]] == pytest.approx(N.tolist(), rel=1e-6)
     assert [u1["L/r0"], u1["L/r1"]] == pytest.approx(L.tolist())
     assert u1["C/r0"] == pytest.approx(C, abs=1e-6) and u1["C/r1"] == pytest.approx(C, abs=1e-6)
-    s = np.log(L + EPS) + 1.5 * (1 - C) * N - 2.0 * C * (N < 0)
+    s = np.log(L + EPS) + 2.0 * (1 - C) ** 2 * N - 2.0 * C * (N < 0)
     pihat = np.exp(s) / np.exp(s).sum()
     pihat = np.where(pihat < 0.05, 0.05, 0.95)  # floor at pi_min, the rest renormalised
     assert [u1["priority_next/r0"], u1["priority_next/r1"]] == pytest.approx(pihat.tolist(), rel=1e-6)

@@ -30,13 +30,14 @@ class BalanceConfig:
     need_lookahead: float = 1.0  # N_k uses the projected progress p_k + need_lookahead * v_k
     conflict_damping: float = 1.0  # the need's gain is a_n * (1 - conflict_damping * C_k): priorities of
     # strongly conflicting objectives stay near their weights (a small shift there moves a lot: seesaw)
+    damping_power: float = 2.0  # the damping factor is (1 - conflict_damping * C_k) ** damping_power
     need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
     learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
     learn_after: float = 0.2  # ... once the mean progress exceeds this many base stds
     delta: float = 3.0  # with a target r*_k: progress unit (r*_k - r0_k) / delta instead of s0_k
     targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: unit s0_k
     a_l: float = 1.0  # weight of log L_k in the score s_k
-    a_n: float = 1.5  # weight of the progress need N_k
+    a_n: float = 2.0  # weight of the progress need N_k
     lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
     temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
     pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
@@ -86,7 +87,7 @@ class BalanceConfig:
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
-        for f in ("need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
+        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
         need(0 <= number("pi_min") < 1, "pi_min",

@@ -210,7 +210,7 @@ class P3Tracker:
         to objectives ahead of the mean progress (pushing a leader that conflicts with the others only
         costs them; penalising a lagging objective for conflicting would keep it behind)."""
         cfg, eps = self.cfg, self.cfg.eps
-        damp = (1 - cfg.conflict_damping * C).clamp(0, 1)
+        damp = (1 - cfg.conflict_damping * C).clamp(0, 1) ** cfg.damping_power
         return cfg.a_l * torch.log(L + eps) + cfg.a_n * damp * N - cfg.lam * C * (N < 0).double()
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
