@@ -13,9 +13,9 @@ seeds; only the balancers, the code under test, run per seed.
 
 Gradient methods get the exact per-objective policy gradients at the sampling policy (the surrogate
 with Ahat[:, k], clipped to +-5) and their Gram each epoch and use the new coefficients in the same
-epoch (advantages -> Gram -> update(gram) -> advantages). APEX and FAMO update once per epoch after
-the step (APEX with the Gram of that epoch in the "apex+gram" variant, with the advantage-correlation
-proxy otherwise).
+epoch; APEX, FAMO, static and gdpo commit once per epoch after the step (APEX with that epoch's Gram
+when its conflict_source is "gram", with the advantage-correlation proxy otherwise). Both flows go
+through apex_fast.grad.sequence, as in the trainer.
 
 Reported per scenario and method, mean +- standard error over seeds: improvement of the held-out
 deterministic policy (the ODE analogue, noiseless rewards, 64 held-out prompts) over the base policy,
@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
+from apex_fast.grad import commit_epoch, epoch_advantages  # noqa: E402
 from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios  # noqa: E402
 
 BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
@@ -166,25 +167,20 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
         old_lp = log_prob(z, mu)
         R = toy.rewards(z, e, gen).float()
         A = torch.empty(S, N, dtype=dt)
-        grams, stats_all = [None] * S, []
-        for s, bal in enumerate(bals):
-            a, stats = bal.advantages(R[s], gid)
-            if bal.wants_gram:
-                grams[s] = objective_gram(bal.objective_advantages, e[s], z[s], mu[s])
-                if same_epoch:
-                    stats |= bal.update(gram=grams[s])
-                    a, stats2 = bal.advantages(R[s], gid)
-                    stats |= stats2
-            A[s] = a.double()
-            stats_all.append(stats)
+        advs = []
+        for s, bal in enumerate(bals):  # advantages -> Gram -> update -> advantages (apex_fast.grad.sequence)
+            measure = (lambda Ahat, s=s: objective_gram(Ahat, e[s], z[s], mu[s])) if bal.wants_gram else None
+            adv = epoch_advantages(bal, R[s], gid, measure, same_epoch=same_epoch)
+            A[s] = adv.A.double()
+            advs.append(adv)
         mu_ref = torch.einsum("sde,sne->snd", W0, e) + b0[:, None]
         for _ in range(INNER):
             opt.step(grpo_grad(W, b, e, z, old_lp, A, mu_ref))
-        for s, bal in enumerate(bals):
-            if not same_epoch:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    stats_all[s] |= bal.update(gram=grams[s])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # apex with conflict_source gram warns on no Gram; not here
+            for bal, adv in zip(bals, advs):
+                commit_epoch(bal, adv)  # lagged flow (APEX, FAMO, static, gdpo); no-op after same-epoch
+        stats_all = [adv.stats | adv.update_stats for adv in advs]
         eff_hist.append([[st.get(f"effective_share/{n}", float("nan")) for n in sc.names] for st in stats_all])
         if trace:
             for key, pre in (("priority", "priority"), ("L", "L"), ("C", "C"), ("N", "N"), ("eff", "effective_share"),
