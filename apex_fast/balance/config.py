@@ -87,7 +87,8 @@ class BalanceConfig:
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
-        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
+        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha",
+                  "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
         need(0 <= number("pi_min") < 1, "pi_min",
