@@ -40,7 +40,7 @@ _EXTRA = {
     "log.tensorboard": "write TensorBoard event files under output_dir/tensorboard",
     "log.csv": "write output_dir/metrics.csv, one row per epoch",
     "log.plot": "write output_dir/reward_curves.png at the end",
-    "balance.method": "static | gdpo | apex | pcgrad | mgda | cagrad | upgrad: how the K rewards become one advantage",
+    "balance.method": "static | gdpo | apex | famo | pcgrad | mgda | cagrad | upgrad: how the K rewards become one advantage",
 }
 
 

@@ -28,8 +28,8 @@ class BalanceConfig:
     beta_slow: float = 0.95  # slow EMA of rbar_k (only for the logged trend v_k)
     beta_conflict: float = 0.7  # EMA of the conflict penalty C_k [design: SPEC names no value]
     need_lookahead: float = 1.0  # N_k uses the projected progress p_k + need_lookahead * v_k
-    conflict_damping: float = 1.0  # the need's gain is a_n * (1 - conflict_damping * C_k): priorities of
-    # strongly conflicting objectives stay near their weights (a small shift there moves a lot: seesaw)
+    # strongly conflicting objectives keep priorities near their weights (a small shift moves a lot: seesaw)
+    conflict_damping: float = 1.0  # the need's gain is a_n * (1 - conflict_damping * C_k) ** damping_power
     damping_power: float = 2.0  # the damping factor is (1 - conflict_damping * C_k) ** damping_power
     need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
     learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
