@@ -45,12 +45,29 @@ class LoRAConfig:
     rank: int = 32
     alpha: int = 64
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # start from an existing LoRA: a diffusers file/folder (pytorch_lora_weights.safetensors, as
+    # written in lora/ and checkpoints) or a peft folder (adapter_model.safetensors, Flow-GRPO's
+    # checkpoints); rank, alpha and targets must match. The KL reference stays the base model.
+    init_from: str | None = None
 
 
 @dataclass
 class DataConfig:
     train_prompts: str = "tiny_train.txt"  # .txt (one per line) or .jsonl ({"prompt": ...}); bare names resolve to apex_fast/data/prompts
     eval_prompts: str = "tiny_eval.txt"
+
+
+@dataclass
+class SDEWindowConfig:
+    """Flow-GRPO-Fast / MixGRPO: SDE steps only inside a window of ``size`` steps (ODE outside), only
+    the window's steps trained. The window's start is drawn per epoch in [range[0], range[1] - size]
+    (``schedule: random``, Flow-GRPO-Fast) or slides by one step every ``shift_every`` epochs
+    (``schedule: sliding``, MixGRPO)."""
+
+    size: int = 0  # 0: off (every step stochastic, the first train.timestep_fraction trained)
+    range: list[int] | None = None  # [lo, hi): where the window may lie; null: [0, num_steps - 1]
+    schedule: str = "random"  # random | sliding
+    shift_every: int = 1  # sliding: epochs between shifts
 
 
 @dataclass
@@ -62,6 +79,7 @@ class SampleConfig:
     prompts_per_epoch: int = 48  # groups per epoch (global, over all ranks)
     batch_size: int = 8  # images per transformer call while sampling (per rank)
     max_sequence_length: int = 128  # T5 tokens (zeros when the model has no T5 encoder)
+    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)
 
 
 @dataclass
@@ -75,9 +93,29 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     clip_range: float = 1e-4  # PPO ratio clip eps_c
     kl_beta: float = 0.04  # beta of the KL to the LoRA-disabled reference (0 disables)
+    # flow_grpo: ||mu - mu_ref||^2 / (2 sigma_t^2), Flow-GRPO's code, so its beta values mean the same;
+    # exact: / (2 sigma_t^2 |dt|), the exact KL of the two Gaussian steps (3.7x-25x larger at 10 steps)
+    kl_form: str = "flow_grpo"
     timestep_fraction: float = 0.99  # fraction of the SDE steps that are trained
     micro_batch_size: int = 8  # samples per forward/backward (per rank)
+    # micro-batches whose gradients are averaged into one optimizer step (Flow-GRPO's
+    # train.gradient_accumulation_steps); must divide the micro-batches per epoch. Its SD3.5 recipes
+    # take 2 optimizer steps per epoch: gradient_accumulation = micro-batches per epoch / 2
+    gradient_accumulation: int = 1
+    # or, independent of the process count: optimizer steps per epoch (per inner epoch), e.g. 2 as
+    # Flow-GRPO's SD3.5 recipes; sets gradient_accumulation = micro-batches per epoch / this (0: off)
+    optimizer_steps_per_epoch: int = 0
+    lr_schedule: str = "constant"  # constant | constant_with_warmup | linear | cosine (diffusers' schedules)
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup from 0 (constant_with_warmup, linear, cosine)
     inner_epochs: int = 1  # passes over one epoch's samples
+    # the rollout's batched forwards also serve training (the same numbers, fewer forwards): the KL
+    # reference (LoRA off, CFG) is computed in the sampling forward of each trained step (per-sample
+    # LoRA on/off), and the unconditional velocity is reused until the first optimizer step of the
+    # epoch. Costs 2 latents per sample and trained step of memory. false: recompute them in training
+    reuse_rollout: bool = True
+    # trained timesteps of a micro-batch stacked into one forward/backward (the same gradient: the loss
+    # is a sum over timesteps); fewer, larger calls, activation memory x this. 1: one at a time (Flow-GRPO)
+    timesteps_per_forward: int = 1
     ema: bool = True  # EMA of the trainable weights, used for evaluation
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates
@@ -283,6 +321,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # validation
 
 
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def sde_window_range(s: SampleConfig) -> tuple[int, int]:
+    """[lo, hi) where sample.sde_window may lie (default: every step but the last, as timestep_fraction)."""
+    r = s.sde_window.range
+    return (0, s.num_steps - 1) if r is None else (int(r[0]), int(r[1]))
+
+
 def _require(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {msg}")
@@ -304,6 +351,17 @@ def _validate(c: Config) -> None:
              f"must be >= 2 (group-relative advantages of a group of 1 are all 0), got {s.group_size}")
     _require(s.prompts_per_epoch >= 1, "sample.prompts_per_epoch", f"must be >= 1, got {s.prompts_per_epoch}")
     _require(s.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {s.batch_size}")
+    w = s.sde_window
+    _require(w.size >= 0, "sample.sde_window.size", f"must be >= 0, got {w.size}")
+    _require(w.schedule in ("random", "sliding"), "sample.sde_window.schedule",
+             f"{w.schedule!r} is not one of random, sliding")
+    _require(w.shift_every >= 1, "sample.sde_window.shift_every", f"must be >= 1, got {w.shift_every}")
+    _require(w.range is None or len(w.range) == 2, "sample.sde_window.range", f"must be [lo, hi] or null, got {w.range}")
+    if w.size:
+        lo, hi = sde_window_range(s)
+        _require(0 <= lo < hi <= s.num_steps and w.size <= hi - lo, "sample.sde_window",
+                 f"range [{lo}, {hi}) must lie in [0, sample.num_steps={s.num_steps}] and hold size={w.size} steps")
+        _require(s.noise_level > 0, "sample.sde_window", "needs sample.noise_level > 0 (the window's steps are SDE)")
     t = c.train
     _require(t.epochs >= 0, "train.epochs", f"must be >= 0, got {t.epochs}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
@@ -313,6 +371,16 @@ def _validate(c: Config) -> None:
     _require(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
     _require(0 < t.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {t.timestep_fraction}")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _require(t.kl_form in ("flow_grpo", "exact"), "train.kl_form", f"{t.kl_form!r} is not one of flow_grpo, exact")
+    _require(t.gradient_accumulation >= 1, "train.gradient_accumulation", f"must be >= 1, got {t.gradient_accumulation}")
+    _require(t.optimizer_steps_per_epoch >= 0, "train.optimizer_steps_per_epoch",
+             f"must be >= 0, got {t.optimizer_steps_per_epoch}")
+    _require(not (t.optimizer_steps_per_epoch and t.gradient_accumulation != 1), "train.optimizer_steps_per_epoch",
+             "set either it or train.gradient_accumulation, not both")
+    _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+             f"{t.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {t.lr_warmup_steps}")
+    _require(t.timesteps_per_forward >= 1, "train.timesteps_per_forward", f"must be >= 1, got {t.timesteps_per_forward}")
     _require(t.inner_epochs >= 1, "train.inner_epochs", f"must be >= 1, got {t.inner_epochs}")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _require(t.ema_every >= 1, "train.ema_every", f"must be >= 1, got {t.ema_every}")
@@ -341,6 +409,8 @@ def _validate(c: Config) -> None:
             raise ConfigError(str(e)) from None
         _require(c.lora.enabled, "lora.enabled", "algorithm: dpo keeps its reference model as a second LoRA adapter; "
                  "set lora.enabled: true")
+        _require(c.train.gradient_accumulation == 1 and not c.train.optimizer_steps_per_epoch,
+                 "train.gradient_accumulation", "accumulation is a GRPO option; algorithm: dpo steps per micro-batch")
     _require(c.eval.every >= 0, "eval.every", f"must be >= 0, got {c.eval.every}")
     _require(c.eval.num_steps >= 1, "eval.num_steps", f"must be >= 1, got {c.eval.num_steps}")
     _require(c.eval.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {c.eval.num_prompts}")

@@ -78,10 +78,11 @@ class TrainableWeights:
             for n, v in trainable.items():
                 named[n].copy_(v)
 
-    def export_lora(self, folder, is_main: bool, extra=None) -> None:
-        """diffusers-format LoRA written by rank 0 (ZeRO-3: gathered, a collective); ``extra(folder)``
-        runs on rank 0 after it, inside the gather."""
-        with self.gathered() if self.lora else contextlib.nullcontext():
+    def export_lora(self, folder, is_main: bool, extra=None, values: list[torch.Tensor] | None = None) -> None:
+        """diffusers-format LoRA written by rank 0 (ZeRO-3: gathered, a collective) of the current
+        weights, or of ``values`` (the EMA) swapped in; ``extra(folder)`` runs on rank 0 after it,
+        inside the gather."""
+        with self.swapped(values), self.gathered() if self.lora else contextlib.nullcontext():
             if is_main:
                 if self.lora:
                     save_lora_diffusers(self.transformer, folder)
@@ -111,7 +112,12 @@ class EMA:
 
 class RunState:
     """Save and resume a run: trainable weights, optimizer (ours or DeepSpeed's shards), the
-    learner's state (global step, EMA, ...), the balancer, RNG, evaluation history, config."""
+    learner's state (global step, EMA, ...), the balancer, RNG, evaluation history, config.
+
+    The checkpoint's diffusers LoRA (``pytorch_lora_weights.safetensors``, what users load) holds the
+    exported weights: the EMA when the learner keeps one (as Flow-GRPO saves it, and what evaluation
+    measured); the raw trained weights, which a resume continues from, are in ``state.safetensors``
+    (``trainable``) and, under DeepSpeed, its ``deepspeed/`` folder."""
 
     def __init__(self, cfg, runtime, weights: TrainableWeights, engine, balancer, learner, ckpt_dir: Path):
         self.cfg, self.runtime, self.weights, self.engine = cfg, runtime, weights, engine
@@ -128,6 +134,7 @@ class RunState:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
                     "python": repr(random.getstate())},
             "eval_history": {str(k): v for k, v in eval_history.items()},
+            "exported_lora": "raw" if self.learner.eval_weights() is None else "ema",
             "config": to_dict(self.cfg),
         }
 
@@ -137,9 +144,11 @@ class RunState:
         # engine-owned files (DeepSpeed: the ZeRO optimizer shards), written by every rank into a
         # staging folder that rank 0 moves into the checkpoint before its atomic rename
         engine_dir = self.engine.save_checkpoint(self.ckpt_dir / f".engine-{epoch:06d}")
-        trainable = self.weights.checkpoint_tensors()
+        trainable = self.weights.checkpoint_tensors()  # the raw weights: what a resume continues from
         path = None
-        with self.weights.gathered() if self.weights.lora else contextlib.nullcontext():
+        # the diffusers LoRA holds the exported weights (the EMA when there is one); a collective
+        with self.weights.swapped(self.learner.eval_weights()), \
+                self.weights.gathered() if self.weights.lora else contextlib.nullcontext():
             if self.runtime.rank == 0:
                 def write_extra(tmp):
                     if self.weights.lora:

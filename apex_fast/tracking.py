@@ -1,11 +1,15 @@
 """Run logs: TensorBoard and CSV by default, wandb only when installed and asked for; the
-per-objective start/end table and the PNG of reward curves."""
+per-objective start/end table and the PNG of reward curves; progress on the console (tqdm bars on a
+terminal, one plain line per epoch otherwise) and the start banner."""
 from __future__ import annotations
 
 import csv
 import logging
 import math
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +115,50 @@ def plot_reward_curves(rows: list[dict], names: list[str], path: str | Path) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# console feedback
+
+
+def bars_enabled(progress: bool, rank: int, stream=None) -> bool:
+    """tqdm bars only on rank 0, when ``log.progress`` and the console is a terminal: a bar redrawn
+    with carriage returns would fill a log file with control characters."""
+    stream = sys.stderr if stream is None else stream
+    return bool(progress) and rank == 0 and getattr(stream, "isatty", lambda: False)()
+
+
+def bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar (or a disabled one that costs nothing) for long work: sampling, evaluation, training."""
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def console(line: str, bars: bool) -> None:
+    """Print a line on stdout without breaking live bars."""
+    if bars:
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
+def format_banner(items: dict) -> str:
+    """The start banner: one ``key: value`` per line under a title line."""
+    width = max(len(k) for k in items)
+    return "\n".join(["apex-fast training"] + [f"  {k:<{width}}  {v}" for k, v in items.items()])
+
+
+def format_epoch_line(epoch: int, epochs: int, metrics: dict, names: list[str], images: int) -> str:
+    """One plain line per epoch (no control characters): rewards, loss diagnostics, timings, images/s."""
+    def g(key, fmt=".4g"):
+        v = metrics.get(key)
+        return "nan" if v is None else format(v, fmt)
+
+    t = metrics.get("time/epoch", 0.0) or 0.0
+    parts = [f"epoch {epoch}/{epochs}"]
+    parts += [f"{n}={g(f'reward/{n}/mean')}" for n in names]
+    parts += [f"{n}={g(n)}" for n in ("policy_loss", "kl", "clipfrac", "grad_norm", "lr") if n in metrics]
+    parts += [f"eval/{n}={g(f'eval/{n}')}" for n in names if f"eval/{n}" in metrics]
+    parts.append(f"time={t:.1f}s (sample {g('time/sample', '.1f')}s, train {g('time/train', '.1f')}s)")
+    if t > 0:
+        parts.append(f"{images / t:.2f} img/s")
+    return "  ".join(parts)

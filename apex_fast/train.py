@@ -29,13 +29,14 @@ from apex_fast.data import load_prompts
 from apex_fast.dpo import ReferenceAdapter, read_pairs
 from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
-from apex_fast.metrics import eval_metrics, reward_key, reward_metrics, scalars, timing_metrics
-from apex_fast.models import add_lora, load_pipeline
+from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
+from apex_fast.models import add_lora, load_lora_init, load_pipeline
 from apex_fast.rewards import RewardFailureTracker, make_scorer
 from apex_fast.rl.learner import GRPOLearner
 from apex_fast.run_state import RunState, TrainableWeights
 from apex_fast.sampling import EpochBatch, EpochSamples, RolloutSampler, generators_for  # noqa: F401  (re-exports)
-from apex_fast.tracking import Tracker, format_reward_table, plot_reward_curves
+from apex_fast.tracking import (Tracker, bars_enabled, console, format_banner, format_epoch_line, format_reward_table,
+                                plot_reward_curves)
 
 log = logging.getLogger("apex_fast.train")
 
@@ -76,6 +77,11 @@ class Trainer:
         if cfg.lora.enabled:
             add_lora(self.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                      target_modules=cfg.lora.target_modules, seed=rt.seed_for(cfg.train.seed, "lora"))
+            if cfg.lora.init_from:  # before the engine and the EMA copy them (a resume overrides it)
+                try:
+                    load_lora_init(self.transformer, cfg.lora.init_from)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         else:
             self.transformer.requires_grad_(True)
         # DPO's reference model: a second, frozen LoRA adapter, added before the engine sees the model
@@ -107,6 +113,31 @@ class Trainer:
         self.epoch = 0
         self.eval_history: dict[int, dict[str, float]] = {}
         self.tracker: Tracker | None = None
+        self.bars = bars_enabled(cfg.log.progress, self.rank)
+
+    def banner(self) -> str:
+        """What the run will do, printed once at the start (rank 0)."""
+        cfg, s, t = self.cfg, self.cfg.sample, self.cfg.train
+        n = s.prompts_per_epoch * s.group_size
+        w = s.sde_window
+        steps = (f"{s.num_steps} ({'SDE window of ' + str(w.size) + ', ' + w.schedule if w.size else 'SDE'}), "
+                 f"{w.size or getattr(self.learner, 'num_train_steps', '-')} trained")
+        items = {
+            "samples per epoch": f"{n} ({s.prompts_per_epoch} prompts x {s.group_size} images)",
+            "sampling steps": steps,
+            "optimizer steps per epoch": f"{getattr(self.learner, 'steps_per_epoch', '-')} (micro-batch "
+                                         f"{self.layout.m} x {self.world} processes x accumulation "
+                                         f"{getattr(self.learner, 'accumulation', 1)})",
+            "epochs": f"{self.epoch} -> {t.epochs}",
+            "processes": f"{self.world} ({self.device}, {'DeepSpeed ZeRO-' + str(self.engine.zero_stage) if cfg.deepspeed else 'torch'})",
+            "trainable parameters": f"{sum(p.numel() for p in self.params):,} "
+                                    f"({'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full'})",
+            "lr": f"{t.lr:g} ({t.lr_schedule}, warmup {t.lr_warmup_steps})",
+            "kl": f"beta {t.kl_beta:g}, {t.kl_form}",
+            "rewards": ", ".join(f"{r.name} ({r.weight:g})" for r in cfg.rewards) + f"; balance {cfg.balance.method}",
+            "output folder": str(self.out_dir.resolve()),
+        }
+        return format_banner(items)
 
     # parts' views kept on the trainer (scripts and tests use them)
     @property
@@ -128,6 +159,7 @@ class Trainer:
     def rollout(self, epoch: int):
         """(this rank's samples, group ids [N], R_local [n, K], timings) of ``epoch``."""
         b = self.sampler.collect(epoch)
+        b.samples.policy_step = self.learner.global_step  # the weights it was sampled with
         self._reward_errors = b.errors
         return b.samples, b.group_ids, b.R_local, b.timings
 
@@ -169,17 +201,23 @@ class Trainer:
         self.tracker = Tracker(self.out_dir, tensorboard=cfg.log.tensorboard, csv_file=cfg.log.csv, wandb=cfg.log.wandb,
                                config=to_dict(cfg), enabled=self.is_main,
                                resume_epoch=self.epoch if cfg.checkpoint.resume else None)
+        if self.is_main:
+            console(self.banner(), self.bars)
         if 0 not in self.eval_history:
             self.tracker.log(eval_metrics(self.evaluate(0)), 0)
-        bar = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", disable=not (self.is_main and cfg.log.progress))
+        bar = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", disable=not self.bars, dynamic_ncols=True)
+        n_images = cfg.sample.prompts_per_epoch * cfg.sample.group_size
         for epoch in bar:
+            t0 = time.perf_counter()
             metrics = self.run_epoch(epoch)
             self.epoch = epoch + 1
             last = self.epoch == cfg.train.epochs
             if last or (cfg.eval.every and self.epoch % cfg.eval.every == 0):
                 metrics.update(eval_metrics(self.evaluate(self.epoch)))
+            metrics["time/epoch"] = time.perf_counter() - t0
             self.tracker.log(metrics, self.epoch)
-            bar.set_postfix({n[:10]: f"{metrics.get(reward_key(n), float('nan')):.3g}" for n in self.names})
+            if self.is_main:  # one plain line per epoch (above the bars on a terminal; alone in a log file)
+                console(format_epoch_line(self.epoch, cfg.train.epochs, metrics, self.names, n_images), self.bars)
             if (cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0) or last:
                 self.save()
         return self.finish()
@@ -204,12 +242,13 @@ class Trainer:
         t3 = time.perf_counter()
         metrics.update(reward_metrics(R, group_ids, self.names, timings))
         metrics.update(timing_metrics(t1 - t0, sum(timings.values()), t3 - t1))
-        metrics["lr"] = self.cfg.train.lr
+        metrics.setdefault("lr", self.cfg.train.lr)
         return scalars(metrics)
 
     def finish(self) -> dict:
         result = {"start": self.eval_history.get(0, {}), "end": self.eval_history.get(self.cfg.train.epochs, {})}
-        self.weights.export_lora(self.out_dir / "lora", self.is_main)  # ZeRO-3: a collective
+        # the EMA when there is one (Flow-GRPO exports it; evaluation measured it); ZeRO-3: a collective
+        self.weights.export_lora(self.out_dir / "lora", self.is_main, values=self.learner.eval_weights())
         if self.is_main:
             table = format_reward_table(self.names, result["start"], result["end"],
                                         title=f"eval reward per objective (ODE, {self.cfg.eval.num_steps} steps, "

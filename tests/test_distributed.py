@@ -87,9 +87,9 @@ def _cfg(tmp_path, ds: dict | None, **train):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(ds))
     t = {"lr": 1e-3, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 0.0, "micro_batch_size": 4,
-         "max_grad_norm": 1.0}
+         "max_grad_norm": 1.0, "gradient_accumulation": 1, "optimizer_steps_per_epoch": 0}
     t.update(train)
-    return NS(deepspeed=str(path) if path else None, train=NS(**t))
+    return NS(deepspeed=str(path) if path else None, train=NS(**t), sample=NS(prompts_per_epoch=4, group_size=8))
 
 
 @pytest.mark.parametrize("name", ["ds_zero1.json", "ds_zero2.json", "ds_zero3.json"])

@@ -12,6 +12,7 @@ import torch
 from ..rewards import score_all
 from ..rl.rollout import decode_latents, sample
 from ..sampling import generators_for
+from ..tracking import bar
 from .grids import save_prompt_grid
 
 
@@ -38,10 +39,13 @@ class Evaluator:
         transformer.eval()
         R = torch.zeros(0, len(self.scorers))
         if prompts:
-            ro = sample(transformer, self.pipe.scheduler, self.sampler.condition(prompts),
-                        latent_shape=self.sampler.latent_shape, num_steps=e.num_steps,
-                        guidance_scale=self.cfg.sample.guidance_scale, noise_level=0.0,
-                        generators=generators_for(e.seed, "eval", indices=mine), batch_size=self.cfg.sample.batch_size)
+            bs = self.cfg.sample.batch_size
+            with bar(-(-len(prompts) // bs) * e.num_steps, f"eval (epoch {epoch})", self.sampler.bars) as pbar:
+                ro = sample(transformer, self.pipe.scheduler, self.sampler.condition(prompts),
+                            latent_shape=self.sampler.latent_shape, num_steps=e.num_steps,
+                            guidance_scale=self.cfg.sample.guidance_scale, noise_level=0.0,
+                            generators=generators_for(e.seed, "eval", indices=mine), batch_size=bs,
+                            progress=pbar.update)
             images = decode_latents(self.pipe.vae, ro.final)
             R = score_all(self.scorers, images, prompts, meta)
             if rank == 0:  # labelled by prompt; the prompts also in eval_epochNNNNN.txt beside it

@@ -14,9 +14,12 @@ from .loading import ModelLoadError, load_pipeline, resolve_dtype
 from .lora import (
     DEFAULT_TARGETS,
     add_lora,
+    load_lora_init,
     load_lora_state_dict,
     lora_disabled,
+    lora_merged,
     lora_parameters,
+    lora_per_sample,
     lora_state_dict,
     save_lora_diffusers,
 )
@@ -39,6 +42,9 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "load_lora_state_dict",
+    "load_lora_init",
     "save_lora_diffusers",
     "lora_disabled",
+    "lora_per_sample",
+    "lora_merged",
 ]

@@ -137,6 +137,143 @@ def save_lora_diffusers(
     return os.path.join(os.fspath(out_dir), weight_name)
 
 
+def load_lora_init(transformer, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> str:
+    """Load an existing LoRA into the adapter as the starting point of training (``lora.init_from``).
+
+    ``path``: a diffusers LoRA (``pytorch_lora_weights.safetensors`` or a folder holding it: what
+    ``save_lora_diffusers``, our ``lora/`` and checkpoints write) or a peft folder
+    (``adapter_model.safetensors`` + ``adapter_config.json``, e.g. Flow-GRPO's checkpoints). Every
+    key must match the adapter (same rank and targets) and a stored alpha/rank must equal the
+    adapter's, so the loaded LoRA means the same; errors name ``lora.init_from``. Returns the file read.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        for name in (LORA_WEIGHT_NAME, "adapter_model.safetensors"):
+            if os.path.isfile(os.path.join(p, name)):
+                p = os.path.join(p, name)
+                break
+        else:
+            raise ValueError(f"lora.init_from: {path} holds neither {LORA_WEIGHT_NAME} (diffusers) nor "
+                             f"adapter_model.safetensors (peft)")
+    if not os.path.isfile(p):
+        raise ValueError(f"lora.init_from: {path} does not exist; give a LoRA folder or .safetensors file")
+    with safe_open(p, framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = transformer.peft_config[adapter_name]
+    stored = None
+    if "lora_adapter_metadata" in meta:  # diffusers' file: the adapter config in the header, "transformer."-keyed
+        stored = {k.split(".", 1)[1]: v for k, v in json.loads(meta["lora_adapter_metadata"]).items()
+                  if k.startswith("transformer.")}
+    elif os.path.isfile(os.path.join(os.path.dirname(p), "adapter_config.json")):  # peft folder
+        with open(os.path.join(os.path.dirname(p), "adapter_config.json")) as fh:
+            stored = json.load(fh)
+    if stored is not None:
+        for key, ours in (("r", cfg.r), ("lora_alpha", cfg.lora_alpha)):
+            if key in stored and float(stored[key]) != float(ours):
+                field = "lora.rank" if key == "r" else "lora.alpha"
+                raise ValueError(f"lora.init_from: {p} has {key}={stored[key]} but the run uses {field}={ours}; "
+                                 f"set {field} to {stored[key]}")
+    prefixes = ("transformer.", "base_model.model.")
+    out = {}
+    for k, v in sd.items():
+        for pre in prefixes:
+            if k.startswith(pre):
+                k = k[len(pre):]
+                break
+        out[k.replace(f".{adapter_name}.", ".")] = v.float()
+    try:
+        load_lora_state_dict(transformer, out, adapter_name)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"lora.init_from: {p} does not match the adapter (lora.rank, lora.target_modules): "
+                         f"{str(e.args[0])[:300]}") from None
+    return p
+
+
+@contextlib.contextmanager
+def lora_per_sample(transformer, adapter_names: list[str] | None, lora_rows: int | None = None,
+                    adapter_name: str = DEFAULT_ADAPTER) -> Iterator[None]:
+    """Inside the block every forward of ``transformer`` applies the LoRA per sample: sample i of the
+    batch through adapter ``adapter_names[i]``, or none for ``"__base__"`` (the base model). peft's
+    mixed-batch path (``adapter_names`` passed to every LoRA layer, as ``PeftModel`` does with
+    forward pre-hooks): one batched forward serves the policy and the LoRA-disabled reference."""
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, kwargs):
+        names = adapter_names
+        if names is None:  # the first lora_rows samples with the adapter, the rest without
+            n = args[0].shape[0]
+            names = [adapter_name] * lora_rows + ["__base__"] * (n - lora_rows)
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for m in transformer.modules() if isinstance(m, LoraLayer)]
+    if not handles:
+        raise ValueError("lora_per_sample: the transformer has no LoRA adapter")
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
+    """No-grad forwards inside the block run each LoRA linear as ONE linear with the merged weight
+    ``W + scaling B A`` (computed on entry, never written into W), instead of peft's base linear plus
+    two rank-r matmuls: the same function up to float rounding, and no LoRA cost. ``lora_rows``: only
+    the batch's first ``lora_rows`` samples get the LoRA, the rest run the base weight (the policy and
+    the LoRA-disabled reference in one forward). Yields False and changes nothing where merging is
+    not possible (grad enabled, adapters disabled, not exactly one active adapter, DeepSpeed ZeRO-3
+    partitioned weights, dropout, another LoRA variant); callers then get peft's forward
+    (``lora_per_sample`` for ``lora_rows``). The active adapter is the one merged (DPO samples with
+    its reference adapter active)."""
+    import torch.nn.functional as F
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    active = layers[0].active_adapters if layers else []
+    adapter_name = active[0] if len(active) == 1 else DEFAULT_ADAPTER
+    ok = (not torch.is_grad_enabled() and layers and len(active) == 1 and all(
+        isinstance(m, LoraLinear) and not m.disable_adapters and not m.merged and m.active_adapters == active
+        and adapter_name in m.lora_A
+        and not m.lora_variant and isinstance(m.lora_dropout[adapter_name], torch.nn.Identity)
+        and not hasattr(m.base_layer.weight, "ds_id") for m in layers))
+    if not ok:
+        if lora_rows is None:
+            yield False
+        else:
+            with lora_per_sample(transformer, None, lora_rows=lora_rows, adapter_name=adapter_name):
+                yield False
+        return
+
+    def patched(m):
+        base = m.base_layer
+        w, b = base.weight, base.bias
+        delta = (m.lora_B[adapter_name].weight.float() @ m.lora_A[adapter_name].weight.float()) * m.scaling[adapter_name]
+        merged = (w.float() + delta).to(w.dtype)
+
+        def forward(x, *args, **kwargs):
+            if lora_rows is None:
+                return F.linear(x, merged, b)
+            return torch.cat([F.linear(x[:lora_rows], merged, b), F.linear(x[lora_rows:], w, b)])
+
+        return forward
+
+    for m in layers:
+        m.forward = patched(m)
+    try:
+        yield True
+    finally:
+        for m in layers:
+            del m.forward  # back to the class's forward
+
+
 def _adapters_disabled(transformer) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -166,5 +303,8 @@ __all__ = [
     "lora_state_dict",
     "load_lora_state_dict",
     "save_lora_diffusers",
+    "load_lora_init",
     "lora_disabled",
+    "lora_per_sample",
+    "lora_merged",
 ]

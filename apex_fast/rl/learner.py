@@ -1,6 +1,8 @@
 """The GRPO learner (Flow-GRPO, docs/SPEC.md section 1): balancer advantages -> for each micro-batch
 and trained timestep, the clipped policy loss + KL to the LoRA-disabled reference -> optimizer step
-per micro-batch -> EMA. See apex_fast/learner.py for the seam it implements.
+every ``train.gradient_accumulation`` micro-batches (or ``optimizer_steps_per_epoch``; gradients
+averaged over them and the trained timesteps, as Flow-GRPO's accelerate accumulation) -> EMA. See
+apex_fast/learner.py for the seam it implements.
 
 Per-objective gradients (``balance.gradients``, SPEC 5):
 
@@ -32,7 +34,10 @@ from ..learner import Learner
 from ..metrics import GRPO_STEP_STATS, advantage_metrics
 from ..models import lora_disabled
 from ..run_state import EMA
-from .loss import grpo_loss, step_kl, unclipped_mask
+from ..runtime import gradient_accumulation
+from ..runtime.engines import lr_schedule
+from ..tracking import bars_enabled
+from .loss import grpo_loss, kl_std, step_kl, unclipped_mask
 from .rollout import flow_sigmas, predict_velocity
 from .sde import sde_step_with_logprob
 
@@ -47,6 +52,9 @@ class GRPOLearner(Learner):
         self.global_step = 0
         t = cfg.train
         self.ema = EMA(weights, t.ema_decay, t.ema_every) if t.ema else None
+        self.accumulation = gradient_accumulation(cfg, runtime.world_size)  # micro-batches per optimizer step
+        self.steps_per_epoch = t.inner_epochs * layout.rows // self.accumulation  # optimizer steps
+        self.lr_at = lr_schedule(t, total_steps=t.epochs * self.steps_per_epoch)
         self.grads = None  # per-objective gradient capture (balance.gradients one_backward | k_backward)
         self.coef: torch.Tensor | None = None  # aggregators: the scaled c of the last capture step
         self.aggregates = False
@@ -85,36 +93,74 @@ class GRPOLearner(Learner):
         return {**adv.stats, **adv.update_stats, **tstats, **advantage_metrics(adv.A, group_ids)}
 
     # ------------------------------------------------------------------ losses
-    def step_terms(self, samples, idx, j: int, train: bool = True, model=None):
-        """Log-prob and mean of the stored transition j -> j+1 under the current policy."""
-        x = samples.latents[idx, j]
-        v = predict_velocity(self.transformer if model is None else model, x, self.sigmas[j], samples.cond.index(idx),
-                             self.cfg.sample.guidance_scale, train=train)
-        return sde_step_with_logprob(v, x, self.sigmas[j], self.sigmas[j + 1], noise_level=self.cfg.sample.noise_level,
-                                     sigma_max=float(self.sigmas[1]), prev_sample=samples.latents[idx, j + 1])
+    def step_terms(self, samples, idx, j, train: bool = True, model=None):
+        """Log-prob and mean of the stored transitions j -> j+1 under the current policy; ``j`` one step
+        or a list of steps stacked into one forward (rows step-major: all of ``idx`` at j[0], then j[1],
+        ...). In training the detached unconditional velocity is the rollout's while the policy is the
+        one that sampled (no optimizer step since: ``samples.policy_step``), so that forward is not
+        repeated."""
+        js = [j] if isinstance(j, int) else list(j)
+        x = self._stack(samples.latents, idx, js)
+        uncond = None
+        if train and samples.uncond_velocity is not None and samples.policy_step == self.global_step:
+            uncond = self._stack(samples.uncond_velocity, idx, [samples.trained_steps.index(k) for k in js])
+        cond = samples.cond.index(idx if len(js) == 1 else idx.repeat(len(js)))
+        v = predict_velocity(self.transformer if model is None else model, x, self._sigma_rows(js, len(idx)), cond,
+                             self.cfg.sample.guidance_scale, train=train, uncond=uncond)
+        return self.transition(v, x, js, len(idx), self._stack(samples.latents, idx, [k + 1 for k in js]))
 
-    def reference_mean(self, samples, idx, j: int):
-        """Mean of step j under the LoRA-disabled reference (None without KL)."""
+    @staticmethod
+    def _stack(t: torch.Tensor, idx, cols: list[int]) -> torch.Tensor:
+        """Rows of ``t[idx, c]`` for every c in ``cols``, step-major."""
+        return t[idx, cols[0]] if len(cols) == 1 else torch.cat([t[idx, c] for c in cols])
+
+    def _sigma_rows(self, js: list[int], n: int, shift: int = 0):
+        if len(js) == 1:
+            return self.sigmas[js[0] + shift]
+        return torch.cat([self.sigmas[k + shift].expand(n) for k in js])
+
+    def transition(self, v, x, js: list[int], n: int, prev_sample):
+        return sde_step_with_logprob(v, x, self._sigma_rows(js, n), self._sigma_rows(js, n, 1),
+                                     noise_level=self.cfg.sample.noise_level, sigma_max=float(self.sigmas[1]),
+                                     prev_sample=prev_sample)
+
+    def reference_mean(self, samples, idx, j):
+        """Mean of step(s) j under the LoRA-disabled reference (None without KL): from the reference
+        velocity the rollout computed in its batched forward (train.reuse_rollout), else a forward now."""
         if not (self.cfg.train.kl_beta > 0 and self.cfg.lora.enabled):
             return None
+        js = [j] if isinstance(j, int) else list(j)
+        if samples.ref_velocity is not None:
+            v_ref = self._stack(samples.ref_velocity, idx, [samples.trained_steps.index(k) for k in js])
+            return self.transition(v_ref, self._stack(samples.latents, idx, js), js, len(idx),
+                                   self._stack(samples.latents, idx, [k + 1 for k in js])).mean
         with torch.no_grad(), lora_disabled(self.transformer):
-            return self.step_terms(samples, idx, j, train=False).mean
+            return self.step_terms(samples, idx, js, train=False).mean
 
-    def micro_loss(self, samples, idx, j: int, adv: torch.Tensor, model=None):
+    def micro_loss(self, samples, idx, j, adv: torch.Tensor, model=None):
+        """The loss of micro-batch ``idx`` at step(s) j: a sum over the steps of each step's loss."""
         t = self.cfg.train
-        step = self.step_terms(samples, idx, j, model=model)
-        ref_mean = self.reference_mean(samples, idx, j)
-        return step, grpo_loss(step.log_prob, samples.log_probs[idx, j], adv, clip_range=t.clip_range,
+        js = [j] if isinstance(j, int) else list(j)
+        step = self.step_terms(samples, idx, js, model=model)
+        ref_mean = self.reference_mean(samples, idx, js)
+        old = self._stack(samples.log_probs, idx, js)
+        a = adv if len(js) == 1 else adv.repeat(len(js))
+        return step, grpo_loss(step.log_prob, old, a, clip_range=t.clip_range,
                                adv_clip=self.cfg.balance.adv_clip, mean=step.mean, ref_mean=ref_mean,
-                               step_std=step.std, kl_beta=t.kl_beta, denominator=len(idx))
+                               step_std=kl_std(step, t.kl_form), kl_beta=t.kl_beta, denominator=len(idx))
 
     def probe_gram(self, samples, Ahat: torch.Tensor) -> torch.Tensor:
         """K x K Gram of the per-objective policy gradients g_k (SPEC 5), probed on the first
         micro-batch at the first trained timestep before this epoch's update (ratio = 1, so the clip
         mask is empty); see grad/probe.py."""
         idx = torch.arange(min(self.cfg.train.micro_batch_size, self.layout.local_n))
-        return probe_gram(lambda k: self.micro_loss(samples, idx, 0, Ahat[idx, k])[1].loss, Ahat.shape[1], self.params,
+        j = self.trained_steps(samples)[0]
+        return probe_gram(lambda k: self.micro_loss(samples, idx, j, Ahat[idx, k])[1].loss, Ahat.shape[1], self.params,
                           self.runtime.all_reduce_mean_)
+
+    def trained_steps(self, samples) -> list[int]:
+        """The rollout's steps to train on (its SDE window's when sample.sde_window is on)."""
+        return samples.trained_steps or list(range(self.num_train_steps))
 
     # ------------------------------------------------------------------ the update
     def train_epoch(self, samples, adv: torch.Tensor, epoch: int, Ahat: torch.Tensor | None = None) -> dict:
@@ -123,42 +169,61 @@ class GRPOLearner(Learner):
         t = self.cfg.train
         self.transformer.train()
         stats = {k: [] for k in GRPO_STEP_STATS}
-        main = self.runtime.rank == 0 and self.cfg.log.progress
+        bars = bars_enabled(self.cfg.log.progress, self.runtime.rank)
         self._epoch_J = None
         Ahat_mine = None if Ahat is None else Ahat[samples.global_index].to(adv.device, torch.float32)
         for inner in range(t.inner_epochs):
             # local micro-batch b of every rank together = global micro-batch b (any process count)
             mbs = self.layout.micro_batches(epoch, inner)
-            for idx in tqdm(mbs, desc=f"epoch {epoch} train", leave=False, disable=not main):
+            for b, idx in enumerate(tqdm(mbs, desc=f"epoch {epoch} train", leave=False, disable=not bars)):
                 if Ahat_mine is not None and self.global_step % self.cfg.balance.gram_every_steps == 0:
                     self.captured_step(samples, idx, adv[idx], Ahat_mine[idx], Ahat, stats)
                 else:
                     a = adv[idx] if self.coef is None or Ahat_mine is None else Ahat_mine[idx] @ self.coef.to(adv)
                     self.plain_step(samples, idx, a, stats)
-                stats["grad_norm"].append(self.engine.step(t.max_grad_norm))
-                self.global_step += 1
-                if self.ema is not None:
-                    self.ema.update(self.global_step)
+                if (b + 1) % self.accumulation == 0:
+                    self.optimizer_step(stats)
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
         # each rank averaged over equally many samples of its own: the mean over ranks is the
         # global batch's (one all-reduce), so the log does not depend on the process count
         vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]
-        return dict(zip(out, vals.tolist()))
+        return {**dict(zip(out, vals.tolist())), "lr": self.cfg.train.lr * self.lr_at(max(0, self.global_step - 1))}
+
+    def optimizer_step(self, stats: dict) -> None:
+        """lr of this step from train.lr_schedule, clip + AdamW on the accumulated gradients, EMA."""
+        self.engine.set_lr(self.lr)
+        stats["grad_norm"].append(self.engine.step(self.cfg.train.max_grad_norm))
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.global_step)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.cfg.train.lr * self.lr_at(self.global_step)
+
+    def loss_scale(self, samples) -> float:
+        """Each micro-batch's loss is a mean over its samples (fixed denominator); dividing by the
+        trained timesteps and the accumulated micro-batches makes the step's gradient their mean."""
+        return 1.0 / (len(self.trained_steps(samples)) * self.accumulation)
 
     def plain_step(self, samples, idx, a: torch.Tensor, stats: dict) -> None:
-        """The gradients of one optimizer step (all trained timesteps of micro-batch ``idx``, advantages
-        ``a``): one backward of the clipped policy loss + KL per timestep."""
-        for j in range(self.num_train_steps):
-            _, out = self.micro_loss(samples, idx, j, a, model=self.engine.module)
-            self.engine.backward(out.loss / self.num_train_steps)
-            self._record(stats, out)
+        """The gradients of micro-batch ``idx`` (all its trained timesteps, advantages ``a``): one backward
+        of the clipped policy loss + KL per ``train.timesteps_per_forward`` stacked timesteps."""
+        steps, chunk, scale = self.trained_steps(samples), self.cfg.train.timesteps_per_forward, self.loss_scale(samples)
+        for c in range(0, len(steps), chunk):
+            _, out = self.micro_loss(samples, idx, steps[c:c + chunk], a, model=self.engine.module)
+            self.engine.backward(out.loss * scale)
+            self._record(stats, out, len(idx))
 
     def captured_step(self, samples, idx, a: torch.Tensor, Ahat_idx: torch.Tensor, Ahat_all: torch.Tensor,
                       stats: dict) -> None:
         """The gradients of one optimizer step (all trained timesteps of micro-batch ``idx``) with the K
         objective gradients captured: into ``.grad`` (via the engine) goes the update of the trained
         advantages ``a`` (+ KL), or for Gram aggregators ``c^T J`` (+ KL) with c from this step's Gram."""
-        t, T, n = self.cfg.train, self.num_train_steps, len(idx)
+        t, n = self.cfg.train, len(idx)
+        steps = self.trained_steps(samples)
+        T = 1.0 / self.loss_scale(samples)  # trained timesteps x accumulated micro-batches
         kl_on = t.kl_beta > 0 and self.cfg.lora.enabled
         A = a.float().clamp(-self.cfg.balance.adv_clip, self.cfg.balance.adv_clip)
         m = (a != 0).float()
@@ -166,14 +231,15 @@ class GRPOLearner(Learner):
         direct = getattr(self.engine, "accepts_direct_grads", False)
         # DeepSpeed: this step's update, handed to the engine at the end
         d_step = None if direct else [torch.zeros_like(p) for p in self.params]
-        for j in range(T):
+        for j in steps:
             # the bare model, not engine.module: DeepSpeed hooks the outputs of its own forward and would
             # run its reduction epilogue after the objective pass (which is not a training backward)
             step = self.step_terms(samples, idx, j, model=self.transformer)
             ref_mean = self.reference_mean(samples, idx, j)
             old = samples.log_probs[idx, j]
+            std = kl_std(step, t.kl_form)
             out = grpo_loss(step.log_prob.detach(), old, a, clip_range=t.clip_range, adv_clip=self.cfg.balance.adv_clip,
-                            mean=step.mean.detach(), ref_mean=ref_mean, step_std=step.std, kl_beta=t.kl_beta,
+                            mean=step.mean.detach(), ref_mean=ref_mean, step_std=std, kl_beta=t.kl_beta,
                             denominator=n)  # statistics only
             ratio = torch.exp(step.log_prob - old)
             u = unclipped_mask(ratio.detach(), A, t.clip_range)
@@ -203,7 +269,7 @@ class GRPOLearner(Learner):
                     torch._foreach_add_(d_step, [torch.zeros_like(p) if gi is None else gi
                                                  for p, gi in zip(self.params, g)])
             if kl_on:  # its own backward: a different cotangent, attributed to no objective
-                kl = step_kl(step.mean, ref_mean, step.std)
+                kl = step_kl(step.mean, ref_mean, std)
                 self.engine.backward(t.kl_beta * (m * kl).sum() / (n * T))
             self._record(stats, out)
         J = self.grads.jacobian()
@@ -237,10 +303,15 @@ class GRPOLearner(Learner):
         coef = state.get("grad_coef")
         self.coef = None if coef is None else torch.as_tensor(coef, dtype=torch.float64).clone()
 
-    def _record(self, stats: dict, out) -> None:
+    def _record(self, stats: dict, out, n: int | None = None) -> None:
+        """Per trained timestep (rows of n samples each): approx_kl, clipfrac, kl, policy_loss."""
         with torch.no_grad():
-            lr = out.ratio.log()
-            stats["approx_kl"].append(float(0.5 * (lr**2).mean()))
-            stats["clipfrac"].append(float(((out.ratio - 1).abs() > self.cfg.train.clip_range).float().mean()))
-            stats["kl"].append(float(out.kl.mean()))
-            stats["policy_loss"].append(float(out.policy_loss.mean()))
+            n = n or out.ratio.shape[0]
+            steps = out.ratio.shape[0] // n
+            lr = out.ratio.log().view(steps, n)
+            per_step = torch.stack([0.5 * (lr**2).mean(1), ((out.ratio.view(steps, n) - 1).abs() >
+                                                          self.cfg.train.clip_range).float().mean(1),
+                                    out.kl.view(steps, n).mean(1), out.policy_loss.view(steps, n).mean(1)], 1)
+            for row in per_step.tolist():  # one host sync per forward
+                for key, v in zip(("approx_kl", "clipfrac", "kl", "policy_loss"), row):
+                    stats[key].append(v)

@@ -14,6 +14,16 @@ class LossOut:
     ratio: torch.Tensor  # [n]
 
 
+def kl_std(step, kl_form: str) -> torch.Tensor:
+    """The std the KL term divides by (docs/SPEC.md section 1): ``flow_grpo`` sigma_t (Flow-GRPO's
+    std_dev_t), ``exact`` the step's std sigma_t sqrt|dt|. ``step``: an rl.sde.SDEStep."""
+    if kl_form == "flow_grpo":
+        return step.noise_std
+    if kl_form == "exact":
+        return step.std
+    raise ValueError(f"train.kl_form: {kl_form!r} is not one of flow_grpo, exact")
+
+
 def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -30,8 +40,9 @@ def grpo_loss(
     """Per trained timestep: ``L = sum_i m_i (L_pol_i + beta KL_i) / denominator``.
 
     log_prob, old_log_prob, advantages: [n]. mean/ref_mean [n, C, H, W] and step_std [n, 1, 1, 1]
-    (the step's std sigma_t sqrt|dt|) give KL_i = mean_CHW (mu - mu_ref)^2 / (2 std^2), the exact KL
-    of the two Gaussian steps. m_i masks samples with advantage exactly 0 (SPEC 1). The denominator
+    give KL_i = mean_CHW (mu - mu_ref)^2 / (2 step_std^2): with the step's std sigma_t sqrt|dt| the
+    exact KL of the two Gaussian steps (``train.kl_form: exact``), with sigma_t Flow-GRPO's form
+    (``kl_form: flow_grpo``, see ``kl_std``). m_i masks samples with advantage exactly 0 (SPEC 1). The denominator
     defaults to n: a fixed count (not the number of unmasked samples) so that splitting a batch
     across ranks and averaging their gradients gives the single-process gradient.
     """

@@ -18,6 +18,7 @@ class SDEStep:
     log_prob: torch.Tensor | None  # [N], mean over (C, H, W); None for the deterministic ODE step
     mean: torch.Tensor  # mu [N, C, H, W]
     std: torch.Tensor  # sigma_t * sqrt(|dt|) [N, 1, 1, 1]: the step's std (0 for the ODE step)
+    noise_std: torch.Tensor | None = None  # sigma_t [N, 1, 1, 1] (Flow-GRPO's std_dev_t; its KL divides by it)
 
 
 def sde_noise_std(sigma: torch.Tensor, sigma_next_of_one: float, noise_level: float) -> torch.Tensor:
@@ -60,7 +61,7 @@ def sde_step_with_logprob(
     if noise_level == 0:
         mean = x + v * dt
         out = mean if prev_sample is None else prev_sample.float()
-        return SDEStep(out, None, mean, torch.zeros_like(t))
+        return SDEStep(out, None, mean, torch.zeros_like(t), torch.zeros_like(t))
     std_t = sde_noise_std(t, sigma_max, noise_level)
     mean = x + (v + std_t**2 / (2 * t) * (x + (1 - t) * v)) * dt
     step_std = std_t * torch.sqrt(-dt)
@@ -70,4 +71,4 @@ def sde_step_with_logprob(
     prev_sample = prev_sample.float()
     log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.dim())))
-    return SDEStep(prev_sample, log_prob, mean, step_std)
+    return SDEStep(prev_sample, log_prob, mean, step_std, std_t)

@@ -1,7 +1,7 @@
 """Runtime: processes and collectives (process.py), the sample layout over ranks (layout.py), and
 the optimizer engines, torch or DeepSpeed, behind one interface (engines.py)."""
 from .engines import DS_CHECKPOINT_DIR, DS_TAG, DeepSpeedEngine, TorchEngine, deepspeed_config, make_engine
-from .layout import SampleLayout
+from .layout import SampleLayout, gradient_accumulation, micro_batches_per_epoch
 from .process import Runtime, fail, init, seed_for
 
 __all__ = ["DS_CHECKPOINT_DIR", "DS_TAG", "DeepSpeedEngine", "TorchEngine", "deepspeed_config", "make_engine",

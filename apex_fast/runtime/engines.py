@@ -7,7 +7,9 @@ The learner sees one seam, ``make_engine(cfg, model, params, runtime)``:
     engine.backward(loss, retain_graph=False)   accumulate gradients (once per trained timestep)
     engine.add_grads(grads)        add precomputed per-parameter gradients (this rank's, unreduced) to
                                    what backward accumulated: the combined multi-objective update of grad/
+    engine.set_lr(lr)              the learning rate of the next step (train.lr_schedule, see lr_schedule)
     engine.step(max_grad_norm)     reduce over ranks, clip to the global norm, AdamW; -> norm before clipping
+                                   (called once per train.gradient_accumulation micro-batches)
     engine.gathered(params, modify=False)   context with full parameters (ZeRO-3; a no-op otherwise)
     engine.consolidated(named)     full copies on rank 0, gathered one parameter at a time (ZeRO-3)
     engine.optimizer_state() / load_optimizer_state(state)   optimizer state inside our checkpoint (torch)
@@ -41,6 +43,20 @@ DS_TAG = "zero"
 
 
 
+def lr_schedule(train, total_steps: int):
+    """``factor(step) -> float``: the lr multiplier of optimizer step ``step`` (0-based), diffusers'
+    schedules (``diffusers.optimization.get_scheduler``: constant, constant_with_warmup, linear,
+    cosine; warmup rises linearly from 0 over ``train.lr_warmup_steps``). A pure function of the step
+    count, so a resumed run continues the schedule exactly from its checkpointed global step."""
+    from diffusers.optimization import get_scheduler
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    kw = {} if train.lr_schedule == "constant" else {"num_warmup_steps": train.lr_warmup_steps}
+    if train.lr_schedule in ("linear", "cosine"):
+        kw["num_training_steps"] = max(1, total_steps)
+    return get_scheduler(train.lr_schedule, dummy, **kw).lr_lambdas[0]
+
+
 class TorchEngine:
     """AdamW + global-norm clipping; gradients averaged over ranks (one flat all-reduce) when distributed."""
 
@@ -55,6 +71,10 @@ class TorchEngine:
     zero_stage = 0
     # gradients may reach .grad by any backward (DeepSpeed: only through its backward or add_grads)
     accepts_direct_grads = True
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         loss.backward(retain_graph=retain_graph)
@@ -111,9 +131,11 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 
     Batch sizes, gradient accumulation and clipping come from ``train.*``; "auto" (or a missing
     key) takes our value, a different explicit value is an error, so the JSON can never silently
-    train with other hyperparameters than the YAML. Gradient accumulation is unmanaged
-    (``managed_gradient_accumulation: false``): the trainer calls ``backward`` once per trained
-    timestep and ``step`` once per micro-batch, like with the torch engine."""
+    train with other hyperparameters than the YAML. DeepSpeed's gradient accumulation is
+    ``train.gradient_accumulation`` (``train_batch_size`` = micro-batch x processes x accumulation),
+    in its caller-owned mode (``managed_gradient_accumulation: false``): the trainer calls
+    ``backward`` once per trained timestep of each micro-batch and ``step`` at the accumulation
+    boundary, like with the torch engine; the loss is already divided by the accumulation count."""
     path = Path(cfg.deepspeed)
     if not path.is_file():
         raise ConfigError(f"deepspeed: file {str(path)!r} does not exist; pass a DeepSpeed JSON such as "
@@ -125,10 +147,14 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"deepspeed: {path} must hold a JSON object")
     t = cfg.train
+    from .layout import gradient_accumulation
+
+    accum = gradient_accumulation(cfg, world_size)
     owned = {
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-        "gradient_accumulation_steps": (1, "one optimizer step per micro-batch after its trained timesteps"),
-        "train_batch_size": (t.micro_batch_size * world_size, "train.micro_batch_size x processes"),
+        "gradient_accumulation_steps": (accum, "train.gradient_accumulation / optimizer_steps_per_epoch"),
+        "train_batch_size": (t.micro_batch_size * world_size * accum,
+                             "train.micro_batch_size x processes x train.gradient_accumulation"),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
     }
     for key, (value, source) in owned.items():
@@ -140,7 +166,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"deepspeed: remove the {key!r} section from {path}: the optimizer is torch AdamW "
-                              f"with train.lr/adam_betas/adam_eps/weight_decay (constant learning rate)")
+                              f"with train.lr/adam_betas/adam_eps/weight_decay and train.lr_schedule")
     for key in ("fp16", "bf16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled", False) not in (False, "auto"):
             raise ConfigError(f"deepspeed: {path} enables {key}: trainable weights and their optimizer state "
@@ -164,11 +190,12 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 class DeepSpeedEngine:
     """``deepspeed.initialize`` on the transformer with its trainable parameters and torch AdamW.
 
-    Per micro-batch the trainer calls ``backward`` once per trained timestep (gradients accumulate;
-    ZeRO-2/3 reduce-scatter them as they come) and ``step`` once: DeepSpeed averages over ranks,
+    The trainer calls ``backward`` once per trained timestep of each micro-batch (gradients accumulate;
+    ZeRO-2/3 reduce-scatter them as they come) and ``step`` once per ``train.gradient_accumulation``
+    micro-batches: DeepSpeed averages over ranks,
     clips to ``train.max_grad_norm`` by the global norm over all shards, and steps AdamW on each
-    rank's shard. The trainer already divides the loss by the number of timesteps, so DeepSpeed's
-    own division by ``gradient_accumulation_steps`` is off (it is 1 anyway). Forwards whose loss
+    rank's shard. The trainer already divides the loss by the number of timesteps and accumulated
+    micro-batches, so DeepSpeed's own division by ``gradient_accumulation_steps`` is off. Forwards whose loss
     is passed to ``backward`` must call ``engine.module`` (the DeepSpeed engine), not the bare model;
     forwards without ``backward`` (sampling, the KL reference, ``torch.autograd.grad``) call the model."""
 
@@ -212,6 +239,10 @@ class DeepSpeedEngine:
             raise ValueError("DeepSpeedEngine.add_grads: not supported under ZeRO-3 (parameters are partitioned)")
         surrogate = sum((p * g.to(p.dtype).detach()).sum() for p, g in zip(self.params, grads))
         self.engine.backward(surrogate, scale_wrt_gas=False)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:  # the ZeRO optimizer's groups are the client's
+            g["lr"] = lr
 
     def step(self, max_grad_norm: float) -> float:
         if max_grad_norm != self.config["gradient_clipping"]:

@@ -76,3 +76,29 @@ class SampleLayout:
         return [torch.stack([col[b] for col in cols if b < len(col)]) for b in range(n_mb)]
 
 
+
+
+def micro_batches_per_epoch(cfg, world: int) -> int:
+    """Micro-batches per rank and inner epoch: ceil(local samples / micro-batch size), as SampleLayout."""
+    local_n = cfg.sample.prompts_per_epoch * cfg.sample.group_size // world
+    return -(-local_n // min(cfg.train.micro_batch_size, local_n))
+
+
+def gradient_accumulation(cfg, world: int) -> int:
+    """Micro-batches per optimizer step: ``train.gradient_accumulation``, or the micro-batches per epoch
+    divided by ``train.optimizer_steps_per_epoch``; it must divide the micro-batches per epoch so every
+    step averages equally many (errors name the field and the valid values)."""
+    t = cfg.train
+    n_mb = micro_batches_per_epoch(cfg, world)
+    valid = [d for d in range(1, n_mb + 1) if n_mb % d == 0]
+    if t.optimizer_steps_per_epoch:
+        if n_mb % t.optimizer_steps_per_epoch:
+            raise ConfigError(f"train.optimizer_steps_per_epoch: {t.optimizer_steps_per_epoch} must divide the {n_mb} "
+                              f"micro-batches of an epoch (sample.prompts_per_epoch x sample.group_size / "
+                              f"(train.micro_batch_size x {world} processes)); valid values: {valid}")
+        return n_mb // t.optimizer_steps_per_epoch
+    if n_mb % t.gradient_accumulation:
+        raise ConfigError(f"train.gradient_accumulation: {t.gradient_accumulation} must divide the {n_mb} "
+                          f"micro-batches of an epoch (sample.prompts_per_epoch x sample.group_size / "
+                          f"(train.micro_batch_size x {world} processes)); valid values: {valid}")
+    return t.gradient_accumulation
