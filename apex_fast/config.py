@@ -48,7 +48,7 @@ class LoRAConfig:
     # start from an existing LoRA: a diffusers file/folder (pytorch_lora_weights.safetensors, as
     # written in lora/ and checkpoints) or a peft folder (adapter_model.safetensors, Flow-GRPO's
     # checkpoints); rank, alpha and targets must match. The KL reference stays the base model.
-    init_from: str | None = None
+    init_from: str | None = None  # start from an existing LoRA: diffusers file/folder or peft folder (same rank/targets)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class SampleConfig:
     prompts_per_epoch: int = 48  # groups per epoch (global, over all ranks)
     batch_size: int = 8  # images per transformer call while sampling (per rank)
     max_sequence_length: int = 128  # T5 tokens (zeros when the model has no T5 encoder)
-    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)
+    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # Flow-GRPO-Fast / MixGRPO SDE window
 
 
 @dataclass
@@ -95,16 +95,16 @@ class TrainConfig:
     kl_beta: float = 0.04  # beta of the KL to the LoRA-disabled reference (0 disables)
     # flow_grpo: ||mu - mu_ref||^2 / (2 sigma_t^2), Flow-GRPO's code, so its beta values mean the same;
     # exact: / (2 sigma_t^2 |dt|), the exact KL of the two Gaussian steps (3.7x-25x larger at 10 steps)
-    kl_form: str = "flow_grpo"
+    kl_form: str = "flow_grpo"  # flow_grpo: KL / (2 sigma_t^2) as Flow-GRPO | exact: / (2 sigma_t^2 |dt|)
     timestep_fraction: float = 0.99  # fraction of the SDE steps that are trained
     micro_batch_size: int = 8  # samples per forward/backward (per rank)
     # micro-batches whose gradients are averaged into one optimizer step (Flow-GRPO's
     # train.gradient_accumulation_steps); must divide the micro-batches per epoch. Its SD3.5 recipes
     # take 2 optimizer steps per epoch: gradient_accumulation = micro-batches per epoch / 2
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1  # micro-batches per optimizer step (Flow-GRPO gradient_accumulation_steps)
     # or, independent of the process count: optimizer steps per epoch (per inner epoch), e.g. 2 as
     # Flow-GRPO's SD3.5 recipes; sets gradient_accumulation = micro-batches per epoch / this (0: off)
-    optimizer_steps_per_epoch: int = 0
+    optimizer_steps_per_epoch: int = 0  # or: optimizer steps per epoch (Flow-GRPO SD3.5: 2); 0 = use gradient_accumulation
     lr_schedule: str = "constant"  # constant | constant_with_warmup | linear | cosine (diffusers' schedules)
     lr_warmup_steps: int = 0  # optimizer steps of linear warmup from 0 (constant_with_warmup, linear, cosine)
     inner_epochs: int = 1  # passes over one epoch's samples
@@ -112,10 +112,10 @@ class TrainConfig:
     # reference (LoRA off, CFG) is computed in the sampling forward of each trained step (per-sample
     # LoRA on/off), and the unconditional velocity is reused until the first optimizer step of the
     # epoch. Costs 2 latents per sample and trained step of memory. false: recompute them in training
-    reuse_rollout: bool = True
+    reuse_rollout: bool = True  # KL reference and unconditional velocity from the rollout's forwards (same numbers)
     # trained timesteps of a micro-batch stacked into one forward/backward (the same gradient: the loss
     # is a sum over timesteps); fewer, larger calls, activation memory x this. 1: one at a time (Flow-GRPO)
-    timesteps_per_forward: int = 1
+    timesteps_per_forward: int = 1  # trained timesteps stacked per forward/backward (memory x this)
     ema: bool = True  # EMA of the trainable weights, used for evaluation
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates

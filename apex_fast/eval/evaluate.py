@@ -241,8 +241,9 @@ def build_parser(prog: str = "apex-fast eval") -> argparse.ArgumentParser:
     src.add_argument("--config", default=None, help="YAML config to take eval settings and rewards from (with --lora)")
     src.add_argument("--checkpoints", default="all", help="all (default), last, or epochs like 10,40")
     src.add_argument("--ema", action="store_true",
-                     help="evaluate each checkpoint's EMA weights (what the run's own eval used, train.ema) instead "
-                          "of the LoRA file it exported")
+                     help="evaluate each checkpoint's EMA weights from its state.safetensors (what the run's own "
+                          "eval used, train.ema); the exported LoRA file holds the same EMA in checkpoints written "
+                          "since the exported LoRA became the EMA, the raw weights in older ones")
     how = ap.add_argument_group("how to evaluate (default: the run's config)")
     how.add_argument("--rewards", default=None, help="rewards to score with: names (pickscore,aesthetic,deqa,ocr) or a "
                                                      "YAML list like the config's rewards: section")
