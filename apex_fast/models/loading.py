@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .tiny import build_tiny_pipeline
+from .tiny import build_tiny_pipeline, load_tiny_pretrained
 
-TINY_NAMES = ("tiny",)
+TINY_NAMES = ("tiny",)  # the pretrained testbed (assets/tiny_sd3, scripts/pretrain_tiny_sd3.py)
+TINY_RANDOM_NAMES = ("tiny-random",)  # random transformer and text encoders from `seed`, trained VAE
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -203,8 +204,9 @@ def load_pipeline(
 ):
     """Return a frozen `StableDiffusion3Pipeline` on `device`.
 
-    pretrained: "tiny" or None -> the embedded tiny model built from `seed` (offline, no
-        download); otherwise a hub id ("stabilityai/stable-diffusion-3.5-medium") or a local
+    pretrained: "tiny" or None -> the embedded pretrained tiny SD3 testbed (offline, no download;
+        `seed` is ignored); "tiny-random" -> the tiny SD3 with random transformer and text encoders
+        built from `seed`; otherwise a hub id ("stabilityai/stable-diffusion-3.5-medium") or a local
         directory holding a diffusers pipeline (model_index.json). A missing path or an
         unreachable hub id raises `ModelLoadError` naming `model.pretrained` and the fix.
     dtype: "fp32" | "bf16" | "fp16" or a torch dtype; all components are loaded in it.
@@ -215,7 +217,10 @@ def load_pipeline(
     local_files_only: passed to `from_pretrained`; None -> True for local dirs, else the hub default.
     """
     torch_dtype = resolve_dtype(dtype)
-    if pretrained is None or (isinstance(pretrained, str) and pretrained.strip().lower() in TINY_NAMES):
+    name = pretrained.strip().lower() if isinstance(pretrained, str) else None
+    if pretrained is None or name in TINY_NAMES:
+        pipe = load_tiny_pretrained(torch_dtype)
+    elif name in TINY_RANDOM_NAMES:
         pipe = build_tiny_pipeline(seed, dtype=torch_dtype)
     else:
         pretrained = str(pretrained) if isinstance(pretrained, Path) else os.fspath(pretrained)

@@ -33,6 +33,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_clip_tokenizer"
 
 TINY_IMAGE_SIZE = 64  # pixels; 8x VAE down-sampling -> 8 x 8 latents
+TINY_SD3_DIR = ASSETS_DIR / "tiny_sd3"  # the pretrained testbed pipeline (scripts/pretrain_tiny_sd3.py)
 TINY_VAE_DIR = ASSETS_DIR / "tiny_vae"  # trained weights + config (scripts/train_tiny_vae.py)
 TINY_VAE_BLOCK_OUT_CHANNELS = (16, 16, 32, 32)  # 4 levels -> vae_scale_factor 2 ** 3 = 8
 TINY_LATENT_SIZE = TINY_IMAGE_SIZE // 2 ** (len(TINY_VAE_BLOCK_OUT_CHANNELS) - 1)
@@ -221,6 +222,36 @@ def build_tiny_pipeline(seed: int = 0, *, with_t5: bool = False, dtype: torch.dt
     return pipe
 
 
+def load_tiny_pretrained(dtype: torch.dtype = torch.float32):
+    """The pretrained tiny SD3 testbed (``load_pipeline("tiny")``): the diffusers pipeline folder
+    written by scripts/pretrain_tiny_sd3.py into the package assets, loaded with the standard
+    ``StableDiffusion3Pipeline.from_pretrained`` (offline; no T5, as SD3 allows)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if not (TINY_SD3_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"tiny SD3 asset missing in {TINY_SD3_DIR}: run scripts/pretrain_tiny_sd3.py")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()  # a 7-file load needs no progress bars
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(TINY_SD3_DIR), text_encoder_3=None, tokenizer_3=None, local_files_only=True
+        )
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
+        m.eval()
+        if dtype != torch.float32:
+            torch.nn.Module.to(m, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -232,6 +263,8 @@ __all__ = [
     "TINY_VAE_DIR",
     "tiny_vae_config",
     "build_tiny_pipeline",
+    "load_tiny_pretrained",
+    "TINY_SD3_DIR",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
     "count_parameters",

@@ -19,6 +19,7 @@ from . import ocr as _ocr  # noqa: F401  registers ocr
 from . import models as _models  # noqa: F401  registers pickscore, aesthetic, deqa (transformers imported lazily)
 from . import remote as _remote  # noqa: F401  registers remote (client of the scoring server)
 from . import preference as _preference  # noqa: F401  registers clip_score, hpsv2 (transformers imported lazily)
+from . import alignment as _alignment  # noqa: F401  registers prompt_alignment (tiny testbed prompts)
 from .models import RewardModelLoadError
 from .remote import RemoteScorer, RemoteScorerError, start_server
 from .ocr import extract_target, ocr_score

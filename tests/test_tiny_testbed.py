@@ -1,0 +1,134 @@
+"""The pretrained tiny SD3 testbed: the asset loads offline and is what scripts/pretrain_tiny_sd3.py
+produces, it follows colour/shape prompts, its OCR reward is sparse, training on it moves a reward."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apex_fast.data import load_prompts, testbed
+from apex_fast.models import load_pipeline
+from apex_fast.models.tiny import ASSETS_DIR, TINY_SD3_DIR
+from apex_fast.rewards import make_scorer
+from apex_fast.rewards.alignment import alignment_score, detect_scene
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "pretrain_tiny_sd3.py"
+
+
+def pretrain_log() -> dict:
+    return json.loads((TINY_SD3_DIR / "pretrain_log.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="module")
+def samples(pipe):
+    """4 images for each of 6 demo prompts, drawn as the trainer's rollouts are (SDE, CFG 4.5)."""
+    from bench.tiny_model import rollout_images
+
+    prompts = [p for p, _ in load_prompts("testbed_train.txt")][:6]
+    imgs, all_prompts = rollout_images(pipe, prompts, group_size=4, num_steps=10, noise_level=0.7,
+                                       guidance_scale=4.5, resolution=64, seed=0)
+    return (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), all_prompts
+
+
+def test_assets_are_small_and_the_pipeline_loads_offline(pipe):
+    total = sum(f.stat().st_size for f in ASSETS_DIR.rglob("*") if f.is_file())
+    assert total < 15e6, f"tiny assets take {total / 1e6:.1f} MB"
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert pipe.vae.config.latent_channels == pipe.transformer.config.in_channels == 16
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4  # 64 px <-> 16 x 16 latents
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert not any(p.requires_grad for p in getattr(pipe, name).parameters()), name
+    # "tiny" (and None) is the pretrained asset whatever the seed; "tiny-random" is the random model
+    other = load_pipeline(None, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), other.transformer.parameters()))
+    rnd = load_pipeline("tiny-random")
+    assert rnd.transformer.config.num_layers != pipe.transformer.config.num_layers
+    log = pretrain_log()
+    assert log["sd3"]["steps_done"] == log["sd3"]["steps"]  # a finished run, not a partial checkpoint
+
+
+def test_script_reproduces_the_first_losses(tmp_path):
+    """Stage sd3 re-run from the asset's tokenizer and VAE: the first two steps' losses match the log."""
+    LOG = pretrain_log()
+    out = tmp_path / "tiny_sd3"
+    cmd = [sys.executable, str(SCRIPT), "--stage", "sd3", "--from", str(TINY_SD3_DIR), "--out", str(out),
+           "--steps", "2", "--images", "48", "--decay-steps", "0", "--seed", str(LOG["args"]["seed"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((out / "pretrain_log.json").read_text())["sd3"]["first_losses"]
+    np.testing.assert_allclose(got, LOG["sd3"]["first_losses"][:2], rtol=1e-4)
+
+
+def test_vae_stage_reproduces_the_first_losses(tmp_path):
+    LOG = pretrain_log()
+    out = tmp_path / "tiny_sd3"
+    cmd = [sys.executable, str(SCRIPT), "--stage", "vae", "--out", str(out), "--vae-steps", "2",
+           "--seed", str(LOG["args"]["seed"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "tiny_sd3.stage" / "log.json").read_text())["vae"]["first_losses"]
+    np.testing.assert_allclose(got, LOG["vae"]["first_losses"][:2], rtol=1e-4)
+    # and the tokenizer is the asset's, byte for byte
+    for f in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "tiny_sd3.stage" / "tokenizer" / f).read_bytes() == (TINY_SD3_DIR / "tokenizer" / f).read_bytes()
+
+
+def test_follows_colour_and_shape_prompts(samples):
+    imgs, prompts = samples
+    hits = {"color": [], "shape": [], "background": []}
+    for img, p in zip(imgs, prompts):
+        scene = testbed.parse_prompt(p)
+        d = detect_scene(img, has_word=True)
+        for k in hits:
+            hits[k].append(d[k] == getattr(scene, k))
+    # chance: colour 1/7, shape 1/3, background 1/8
+    assert np.mean(hits["background"]) >= 0.6, hits
+    assert np.mean(hits["color"]) >= 0.4, hits
+    assert np.mean(hits["shape"]) >= 0.4, hits
+
+
+def test_ocr_is_sparse_and_varies_within_groups(samples):
+    imgs, prompts = samples
+    ocr = make_scorer("ocr", engine_kwargs={"det_limit_side_len": 128, "det_limit_type": "max"})
+    r = ocr(imgs, prompts, [{}] * len(prompts)).view(-1, 4)
+    assert torch.isfinite(r).all()
+    assert 0.0 < float(r.mean()) < 0.8, r
+    assert float(r.std()) > 0.05  # not constant across samples
+
+
+def test_prompt_alignment_reward_prefers_the_named_colours():
+    rng = np.random.default_rng(0)
+    scene = testbed.Scene("red", "circle", "blue", None, None)
+    img = testbed.render(scene, rng)
+    good = alignment_score(img, "red", "blue")
+    assert good > alignment_score(img, "green", "blue") and good > alignment_score(img, "red", "yellow")
+    assert good > alignment_score(np.full_like(img, 128), "red", "blue")
+    r = make_scorer("prompt_alignment")(np.stack([img, img]), [scene.prompt, "a cat"], [{}, {}])
+    assert r[0] == pytest.approx(good) and torch.isnan(r[1])
+
+
+def test_detector_reads_rendered_scenes():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        scene = testbed.random_scene(rng)
+        d = detect_scene(testbed.render(scene, rng), has_word=scene.word is not None)
+        assert (d["color"], d["shape"], d["background"]) == (scene.color, scene.shape, scene.background), scene
+        if scene.position:
+            assert d["position"] == scene.position, scene
+
+
+def test_prompt_files_are_the_seeded_sets():
+    train = [p for p, _ in load_prompts("testbed_train.txt")]
+    assert train == testbed.prompt_set(1, 48)
+    assert [p for p, _ in load_prompts("testbed_eval.txt")] == testbed.prompt_set(2, 16, exclude=set(train))
+    assert all(testbed.parse_prompt(p) is not None and testbed.parse_prompt(p).word for p in train)
