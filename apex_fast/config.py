@@ -29,8 +29,8 @@ LORA_TARGETS = [
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "tiny"  # "tiny" (embedded, offline) | hub id | local diffusers folder
-    seed: int = 0  # seed of the embedded tiny model's weights
+    pretrained: str = "tiny"  # "tiny" (embedded pretrained testbed) | "tiny-random" (random, from seed) | hub id | local diffusers folder
+    seed: int = 0  # seed of the "tiny-random" model's weights
     dtype: str = "fp32"  # fp32 | bf16 | fp16: frozen weights; LoRA and the SDE math stay fp32
     resolution: int = 64  # image side in pixels
     gradient_checkpointing: bool = False
