@@ -96,13 +96,14 @@ def grid_png(images_u8: np.ndarray, prompts: list[str], path: Path, title: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.45))
+    rows = min(rows, len(images_u8) // group_size)
+    fig, axes = plt.subplots(rows, 1, figsize=(cols * 0.85, rows * 1.05 + 0.4), squeeze=False)
     for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(images_u8[r * group_size + c], interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[r, 0].set_title(prompts[r * group_size], fontsize=7, loc="left", x=0.0)
+        strip = np.concatenate(list(images_u8[r * group_size:r * group_size + cols]), axis=1)
+        ax = axes[r, 0]
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(prompts[r * group_size], fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

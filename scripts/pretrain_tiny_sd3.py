@@ -19,7 +19,7 @@ The output folder is a ``StableDiffusion3Pipeline.save_pretrained`` folder plus 
 (arguments, the losses of the first steps of each stage, loss curve, timings). A checkpoint of the
 pipeline (EMA weights) is written every ``--save-every`` steps, so a partial run is usable.
 
-    OMP_NUM_THREADS=2 python scripts/pretrain_tiny_sd3.py --threads 2           # ~30 CPU-minutes
+    OMP_NUM_THREADS=2 python scripts/pretrain_tiny_sd3.py --threads 2           # ~20 CPU-minutes
     python scripts/pretrain_tiny_sd3.py --out /tmp/t --vae-steps 20 --steps 20  # quick try
     python scripts/pretrain_tiny_sd3.py --stage sd3 --from apex_fast/models/assets/tiny_sd3 --steps 3 --out /tmp/t
 """
@@ -159,6 +159,41 @@ def train_vae(args, log: dict):
     return vae
 
 
+def finetune_decoder(args, vae, log: dict):
+    """Stage 2b: the decoder alone, encoder frozen (the latent space, and so an SD3 trained on it, is
+    unchanged), on text-heavy batches: sharper words for the same latents."""
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    params = [p for p in vae.decoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    rng = np.random.default_rng([args.seed, 6])
+    g = torch.Generator().manual_seed(args.seed + 6)
+    losses, t0 = [], time.time()
+    vae.decoder.train()
+    for step in range(1, args.decoder_steps + 1):
+        k = args.vae_batch // 4
+        a, _ = testbed_batch(rng, args.vae_batch - k, p_word=0.9)
+        x = torch.cat([a, vae_batch(rng, 4 * k)[-k:]])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + (rec - x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = args.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == args.decoder_steps:
+            print(f"decoder step {step:5d}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f}s", flush=True)
+    vae.eval()
+    vae.requires_grad_(False)
+    log["decoder"] = {"first_losses": losses[:FIRST_LOSSES], "curve": losses[::25], "steps": args.decoder_steps,
+                      "seconds": round(time.time() - t0)}
+    return vae
+
+
 # ------------------------------------------------------------------ stage 3: transformer + text encoders
 
 def build_sd3(tokenizer, seed: int):
@@ -215,6 +250,17 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
 
     tokenizer = load_tokenizer(tok_dir / "tokenizer")
     transformer, te1, te2 = build_sd3(tokenizer, args.seed)
+    if args.init_from:  # continue from a saved pipeline's (EMA) weights; fresh optimizer state
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        src = Path(args.init_from)
+        transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(str(src / "transformer")).state_dict())
+        te1.load_state_dict(CLIPTextModelWithProjection.from_pretrained(str(src / "text_encoder")).state_dict())
+        te2.load_state_dict(CLIPTextModelWithProjection.from_pretrained(str(src / "text_encoder_2")).state_dict())
+        prev = json.loads((src / "pretrain_log.json").read_text()).get("sd3", {})
+        log["sd3_before"] = prev
+        print(f"continuing from {src} (after {prev.get('steps_done')} steps)", flush=True)
     pipe = make_pipeline(transformer, te1, te2, tok_dir, vae)
     vae.requires_grad_(False)
     modules = torch.nn.ModuleList([transformer, te1, te2])
@@ -278,6 +324,8 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
             log["sd3"] = {"first_losses": losses[:FIRST_LOSSES], "curve": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
                           "steps_done": step, "steps": args.steps, "seconds": round(time.time() - t0), "parameters": n_params}
             save_pipeline(make_pipeline(*[copy.deepcopy(m).eval() for m in ema], tok_dir, vae), out, log)
+            if args.keep_checkpoints:
+                shutil.copytree(out, out.with_name(f"{out.name}.step{step:05d}"), dirs_exist_ok=True)
             print(f"saved {out} at step {step}", flush=True)
     return log
 
@@ -285,8 +333,9 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(TINY_SD3_DIR))
-    ap.add_argument("--stage", choices=("all", "vae", "sd3"), default="all",
-                    help="vae: tokenizer + VAE only; sd3: reuse tokenizer and VAE of --from")
+    ap.add_argument("--stage", choices=("all", "vae", "sd3", "decoder"), default="all",
+                    help="vae: tokenizer + VAE only; sd3: reuse tokenizer and VAE of --from; "
+                         "decoder: fine-tune the VAE decoder of --from (written to OUT.stage/vae_decoder)")
     ap.add_argument("--from", dest="src", default=None, help="pipeline folder whose tokenizer and VAE --stage sd3 reuses")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -295,25 +344,42 @@ def main(argv=None):
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-3)
     ap.add_argument("--vae-cosine", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--decoder-steps", type=int, default=300)
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--images", type=int, default=6144, help="size of the fixed, pre-encoded training set")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--decay-steps", type=int, default=600, help="linear lr decay over the last N steps")
+    ap.add_argument("--decay-steps", type=int, default=400, help="linear lr decay over the last N steps")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg-dropout", type=float, default=0.1)
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--init-from", default=None, help="--stage sd3: start from this pipeline folder's weights (continue a run)")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="also keep a copy of every checkpoint (OUT.stepNNNNN)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = out.with_name(out.name + ".stage")
     log = {"args": vars(args) | {"out": None}}
     t0 = time.time()
+    if args.stage == "decoder":
+        from diffusers import AutoencoderKL
+
+        if not args.src:
+            raise SystemExit("--stage decoder needs --from DIR (a pipeline folder or a previous run's .stage folder)")
+        vae = AutoencoderKL.from_pretrained(str(Path(args.src) / "vae"), local_files_only=True)
+        vae = finetune_decoder(args, vae, log)
+        work.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(work / "vae_decoder", safe_serialization=True)
+        (work / "decoder_log.json").write_text(json.dumps(log) + "\n")
+        return log
     if args.stage in ("all", "vae"):
         shutil.rmtree(work, ignore_errors=True)
         train_tokenizer(work, args.seed)
         vae = train_vae(args, log)
+        if args.stage == "all" and args.decoder_steps > 0:  # the SD3 stage does not depend on the decoder
+            vae = finetune_decoder(args, vae, log)
         vae.save_pretrained(work / "vae", safe_serialization=True)
         (work / "log.json").write_text(json.dumps(log) + "\n")
         tok_dir = work
