@@ -101,13 +101,28 @@ def test_follows_colour_and_shape_prompts(samples):
     assert np.mean(hits["shape"]) >= 0.4, hits
 
 
-def test_ocr_is_sparse_and_varies_within_groups(samples):
+def test_ocr_is_sparse_at_the_base_model(samples):
+    """The base model's words are blurry: the OCR reward is mostly 0 (sparse), never mostly right."""
+    from bench.tiny_model import REWARDS
+
     imgs, prompts = samples
-    ocr = make_scorer("ocr", engine_kwargs={"det_limit_side_len": 128, "det_limit_type": "max"})
-    r = ocr(imgs, prompts, [{}] * len(prompts)).view(-1, 4)
-    assert torch.isfinite(r).all()
-    assert 0.0 < float(r.mean()) < 0.8, r
-    assert float(r.std()) > 0.05  # not constant across samples
+    r = make_scorer("ocr", **REWARDS["ocr"])(imgs, prompts, [{}] * len(prompts))
+    assert torch.isfinite(r).all() and ((r >= 0) & (r <= 1)).all()
+    assert float(r.mean()) < 0.6 and float((r == 0).float().mean()) > 0.4, r
+
+
+def test_vae_carries_legible_words(pipe):
+    """Words survive the asset's VAE (encode -> decode), so the OCR reward is reachable by the policy."""
+    from bench.tiny_model import REWARDS
+
+    rng = np.random.default_rng(0)
+    scenes = [testbed.random_scene(rng, p_word=1.0) for _ in range(16)]
+    x = torch.from_numpy(np.stack([testbed.render(s, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    r = make_scorer("ocr", **REWARDS["ocr"])(u8, [s.prompt for s in scenes], [{}] * 16)
+    assert float(r.mean()) > 0.2, r
 
 
 def test_prompt_alignment_reward_prefers_the_named_colours():
@@ -136,3 +151,17 @@ def test_prompt_files_are_the_seeded_sets():
     assert train == testbed.prompt_set(1, 48)
     assert [p for p, _ in load_prompts("testbed_eval.txt")] == testbed.prompt_set(2, 16, exclude=set(train))
     assert all(testbed.parse_prompt(p) is not None and testbed.parse_prompt(p).word for p in train)
+
+
+def test_demo_learning_direction_on_one_objective(tmp_path):
+    """A short demo-config run on RMS contrast alone raises its eval reward (same eval prompts and seeds)."""
+    from apex_fast.config import load_config
+    from apex_fast.train import Trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+        f"log.output_dir={tmp_path / 'run'}", "log.progress=false", "log.tensorboard=false", "log.plot=false",
+        "rewards=[{name: contrast, weight: 1.0}]", "train.epochs=4", "train.lr=1e-2", "sample.num_steps=6",
+        "sample.group_size=8", "sample.prompts_per_epoch=2", "eval.every=0", "eval.num_steps=6",
+        "eval.num_prompts=6", "eval.images_per_prompt=1", "checkpoint.every=0"])
+    result = Trainer(cfg).fit()
+    assert result["end"]["contrast"] > result["start"]["contrast"] + 0.002, result
