@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "configs" / "tiny_dpo.yaml"
 FAST = [
+    "model.pretrained=tiny-random",
     "sample.num_steps=4", "sample.group_size=3", "sample.prompts_per_epoch=4", "sample.batch_size=12",
     "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.lr=1e-2", "eval.num_steps=2",
     "eval.num_prompts=2", "eval.images_per_prompt=2", "eval.every=0", "checkpoint.every=1", "checkpoint.keep=5",

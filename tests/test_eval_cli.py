@@ -20,6 +20,7 @@ from apex_fast.train import main as train_main
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 FAST = [
+    "model.pretrained=tiny-random", "eval.images_per_prompt=1",
     "sample.num_steps=3", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
     "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.lr=1e-2", "train.timestep_fraction=0.5",
     "train.epochs=2", "train.ema=false", "eval.num_steps=2", "eval.num_prompts=3", "eval.every=0",
@@ -189,7 +190,7 @@ def test_cli_help_print_config_and_dry_run(tmp_path, capsys):
     train_main(["--config", str(cfg), "--set", "train.lr=2e-3", "--print-config"])
     out = capsys.readouterr().out
     assert "lr: 0.002  # (default 0.0003) AdamW learning rate" in out
-    assert "group_size: 16  # (default 24) images per prompt (G)" in out
+    assert "group_size: 8  # (default 24) images per prompt (G)" in out
     assert "method: static  # static | gdpo | apex" in out
     body = "\n".join(ln.split("  #")[0] for ln in out.splitlines() if not ln.startswith("#") and not ln.startswith("  - "))
     assert "rewards:" in body  # the printed YAML is the config (value part)
