@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from apex_fast.data import load_prompts
-from apex_fast.data.testbed import COLORS, POSITIONS, SHAPES, WORD_POSITIONS, parse_prompt
+from apex_fast.data.testbed import COLORS, SHAPES, WORD_POSITIONS, parse_prompt
 from apex_fast.models import encode_negative, encode_prompts, load_pipeline
 from apex_fast.rewards import make_scorer
 from apex_fast.rewards.alignment import detect_scene

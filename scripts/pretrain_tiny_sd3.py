@@ -1,7 +1,7 @@
 """Pretrain the embedded tiny SD3 (``load_pipeline("tiny")``) on the procedural testbed and store it
 as a package asset (a diffusers pipeline folder, apex_fast/models/assets/tiny_sd3/).
 
-Three deterministic stages, each seeded on its own so any stage can be re-run alone:
+Deterministic stages, each seeded on its own so any stage can be re-run alone:
 
 1. tokenizer: the project's CLIP-style BPE (scripts/train_tokenizer.py) learned on testbed prompts,
    so every colour, shape and word is one token; ``model_max_length`` 32.
@@ -14,6 +14,12 @@ Three deterministic stages, each seeded on its own so any stage can be re-run al
    eps - x_0, logit-normal s shifted by 3 as the sampler's schedule), 10% empty prompts for
    classifier-free guidance, EMA of the weights; images and prompts streamed from
    `apex_fast.data.testbed` with a seeded generator (half with a quoted word).
+4. decoder: the VAE decoder alone, encoder frozen (same latent space, so the SD3 stage does not
+   depend on it), on word-heavy batches: sharper words for the same latents. ``--stage all`` runs it
+   right after the VAE.
+
+The shipped asset: tokenizer + VAE stage, 1000 SD3 steps, 1000 more with ``--init-from`` (CPU time
+on a shared machine came in pieces), decoder stage; ``pretrain_log.json`` ("assembled") says so.
 
 The output folder is a ``StableDiffusion3Pipeline.save_pretrained`` folder plus ``pretrain_log.json``
 (arguments, the losses of the first steps of each stage, loss curve, timings). A checkpoint of the
