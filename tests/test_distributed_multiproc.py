@@ -31,7 +31,7 @@ TRAIN = str(ROOT / "apex_fast" / "train.py")
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
 # tests/test_train.py's FAST config; rewards in JSON flow style (no spaces: launchers re-split arguments)
 FAST = [
-    "model.pretrained=tiny-random",
+    "model.pretrained=tiny-random", "data.train_prompts=ocr_train.txt", "data.eval_prompts=ocr_eval.txt",
     "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
     "sample.max_sequence_length=8", "train.lr=1e-2", "train.timestep_fraction=0.5", "eval.num_steps=2",
     "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "checkpoint.keep=5", "log.progress=false",

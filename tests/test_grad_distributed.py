@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
 FAST = [
-    "model.pretrained=tiny-random", "eval.images_per_prompt=1",
+    "model.pretrained=tiny-random", "eval.images_per_prompt=1", "data.train_prompts=ocr_train.txt",
+    "data.eval_prompts=ocr_eval.txt",
     "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
     "sample.max_sequence_length=8", "train.lr=1e-2", "train.timestep_fraction=0.5", "eval.num_steps=2",
     "eval.num_prompts=2", "eval.every=0", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
