@@ -104,8 +104,11 @@ def lora_weights(tr):
 def test_one_backward_trains_like_k_backward_and_feeds_the_gram(tmp_path):
     runs = {}
     for mode in ("one_backward", "k_backward"):
-        tr = Trainer(make_cfg(tmp_path, "train.epochs=2", "balance.method=pcgrad", f"balance.gradients={mode}",
-                              name=mode))
+        # one epoch, groups of 4: with groups of 2 each Ahat column is a +-1 pattern and Ahat c can nearly
+        # cancel (its renormalisation magnified rounding to 6e-3 on the testbed prompts); a second epoch
+        # scores images that differ by rounding, and JPEG size is not continuous in the pixels (1e-2)
+        tr = Trainer(make_cfg(tmp_path, "train.epochs=1", "balance.method=pcgrad", f"balance.gradients={mode}",
+                              "sample.group_size=4", "train.micro_batch_size=4", name=mode))
         tr.fit()
         runs[mode] = lora_weights(tr)
     w1, w2 = runs["one_backward"], runs["k_backward"]
