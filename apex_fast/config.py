@@ -125,10 +125,17 @@ class TrainConfig:
 
 @dataclass
 class RewardSpec:
-    name: str = ""
+    name: str = ""  # the reward's unique key: column of R, metrics, logs, errors, balancer state
+    type: str | None = None  # scorer type (ocr, pickscore, remote, ...); null: the same as name
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the scorer
-    timeout_s: float | None = None  # a batch scoring longer than this gives NaN for the batch
+    timeout_s: float = 600.0  # bound of every call (a batch): longer gives NaN for the batch
+    allow_unscorable: bool = False  # true: a batch NaN for every sample is legitimate (OCR on prompts
+    #                                 without quoted text), not a failure counted by train.reward_max_failures
+
+    @property
+    def scorer_type(self) -> str:
+        return self.type or self.name
 
 
 @dataclass
@@ -272,28 +279,47 @@ def to_dict(cfg) -> dict:
 
 
 def apply_override(data: dict, override: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML) into the nested dict; ``rewards.0.weight=2`` indexes lists."""
+    """``a.b.c=value`` (value parsed as YAML) into the nested dict; ``rewards.0.weight=2`` indexes lists.
+    Errors name the override (``--set KEY=VALUE``) and what is wrong with it."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected the form section.field=value, e.g. train.lr=1e-4")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    where = f"--set {override}"
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: the value {raw!r} is not valid YAML ({first}); quote it, e.g. "
+                          f"--set '{key}=\"...\"', and write lists/mappings as [a, b] / {{k: v}}") from None
     parts = key.strip().split(".")
     node: Any = data
-    for i, p in enumerate(parts[:-1]):
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        path = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            node = node[int(p)]
-        else:
-            node = node.setdefault(p, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        try:
-            node[int(last)] = value
-        except (ValueError, IndexError):
-            raise ConfigError(f"override {key}: index {last!r} out of range for a list of {len(node)}") from None
-    else:
-        node[last] = value
+            try:
+                j = int(p)
+                if not -len(node) <= j < len(node):
+                    raise IndexError
+            except ValueError:
+                raise ConfigError(f"{where}: {'.'.join(parts[:i]) or 'the config'} is a list; {p!r} is not an index "
+                                  f"(write e.g. {'.'.join(parts[:i])}.0.{'.'.join(parts[i + 1:]) or 'field'})") from None
+            except IndexError:
+                raise ConfigError(f"{where}: index {p} is out of range for {'.'.join(parts[:i])}, a list of "
+                                  f"{len(node)} (valid: 0..{len(node) - 1})") from None
+            if last:
+                node[j] = value
+            else:
+                node = node[j]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"{where}: {path} is a value ({node!r}), not a section")
+        else:  # pragma: no cover - guarded above
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} is not a section")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -310,6 +336,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config: {p} must hold a mapping of sections (model:, train:, ...)")
     for o in overrides or []:
         apply_override(data, o)
+        if not isinstance(data, dict):  # pragma: no cover - apply_override keeps the root a dict
+            raise ConfigError(f"--set {o}: the config must stay a mapping of sections")
     return from_dict(Config, data).validate()
 
 
@@ -346,7 +374,9 @@ def _validate(c: Config) -> None:
     _require(len(c.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
     s = c.sample
     _require(s.num_steps >= 2, "sample.num_steps", f"must be >= 2, got {s.num_steps}")
-    _require(s.noise_level >= 0, "sample.noise_level", f"must be >= 0, got {s.noise_level}")
+    _require(s.noise_level > 0, "sample.noise_level",
+             f"must be > 0 for training (the SDE log-probs of GRPO need noise; evaluation uses the ODE sampler "
+             f"by itself), got {s.noise_level}; Flow-GRPO uses 0.7")
     _require(s.group_size >= 2, "sample.group_size",
              f"must be >= 2 (group-relative advantages of a group of 1 are all 0), got {s.group_size}")
     _require(s.prompts_per_epoch >= 1, "sample.prompts_per_epoch", f"must be >= 1, got {s.prompts_per_epoch}")
@@ -390,10 +420,16 @@ def _validate(c: Config) -> None:
     names = [r.name for r in c.rewards]
     for i, r in enumerate(c.rewards):
         _require(bool(r.name), f"rewards[{i}].name", "is empty")
+        _require(names.index(r.name) == i, f"rewards[{i}].name",
+                 f"duplicate key {r.name!r} (also rewards[{names.index(r.name)}]); reward keys must be unique: "
+                 f"give each reward its own "
+                 f"name and say which scorer it runs with type, e.g. "
+                 f"{{name: deqa, type: remote, args: {{url: ...}}}}")
         _require(r.weight >= 0 and r.weight == r.weight and r.weight != float("inf"), f"rewards[{i}].weight",
                  f"must be finite and >= 0, got {r.weight}")
     for i, r in enumerate(c.rewards):
-        _require(r.timeout_s is None or r.timeout_s > 0, f"rewards[{i}].timeout_s", f"must be > 0 or null, got {r.timeout_s}")
+        _require(r.timeout_s is not None and 0 < r.timeout_s < float("inf"), f"rewards[{i}].timeout_s",
+                 f"must be a finite number of seconds > 0 (every reward call is bounded), got {r.timeout_s}")
     _require(len(set(names)) == len(names), "rewards", f"reward names must be unique, got {names}")
     _require(sum(r.weight for r in c.rewards) > 0, "rewards[*].weight",
              "all weights are zero; give at least one reward a positive weight")
@@ -414,5 +450,6 @@ def _validate(c: Config) -> None:
     _require(c.eval.every >= 0, "eval.every", f"must be >= 0, got {c.eval.every}")
     _require(c.eval.num_steps >= 1, "eval.num_steps", f"must be >= 1, got {c.eval.num_steps}")
     _require(c.eval.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {c.eval.num_prompts}")
+    _require(c.eval.images_per_prompt >= 1, "eval.images_per_prompt", f"must be >= 1, got {c.eval.images_per_prompt}")
     _require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
     _require(c.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")

@@ -31,7 +31,9 @@ from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
 from apex_fast.models import add_lora, load_lora_init, load_pipeline
-from apex_fast.rewards import RewardFailureTracker, make_scorer
+from apex_fast.checkpoint import CheckpointError
+from apex_fast.rewards import (RewardFailureError, RewardFailureTracker, RewardSetupError, build_scorers,
+                               check_scorers)
 from apex_fast.rl.learner import GRPOLearner
 from apex_fast.run_state import RunState, TrainableWeights
 from apex_fast.sampling import EpochBatch, EpochSamples, RolloutSampler, generators_for  # noqa: F401  (re-exports)
@@ -61,9 +63,14 @@ class Trainer:
 
         train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
         eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")[: cfg.eval.num_prompts]
-        self.scorers = [make_scorer(r.name, **r.args) for r in cfg.rewards]
-        self.names = [r.name for r in cfg.rewards]
-        self.reward_tracker = RewardFailureTracker(cfg.train.reward_max_failures)
+        self.names = [r.name for r in cfg.rewards]  # reward keys
+        try:
+            self.scorers = build_scorers(cfg.rewards)
+        except RewardSetupError as e:
+            raise ConfigError(str(e)) from None
+        self.check_rewards(train_prompts)  # before the model loads: a broken scorer fails in seconds
+        self.reward_tracker = RewardFailureTracker(cfg.train.reward_max_failures,
+                                                   unscorable_ok=[r.name for r in cfg.rewards if r.allow_unscorable])
         self.balancer = make_balancer(cfg.balance, [r.weight for r in cfg.rewards], self.names)
 
         pairs = None
@@ -138,6 +145,17 @@ class Trainer:
             "output folder": str(self.out_dir.resolve()),
         }
         return format_banner(items)
+
+    def check_rewards(self, prompts) -> None:
+        """Every scorer once on a probe batch (rewards/preflight.py), on every rank; a failure on any
+        rank stops every rank with the same error."""
+        errors = check_scorers(self.scorers, self.cfg.rewards, prompts, self.cfg.model.resolution)
+        failed = self.runtime.all_gather_rows(torch.tensor([[float(n in errors) for n in self.names]]))  # [world, K]
+        bad = [(k, n) for k, n in enumerate(self.names) if failed[:, k].any()]
+        if bad:
+            lines = [errors.get(n) or f"reward {n!r} failed its check on rank(s) "
+                     f"{failed[:, k].nonzero().flatten().tolist()} (see that rank's log)" for k, n in bad]
+            raise RewardSetupError("\n".join(lines))
 
     # parts' views kept on the trainer (scripts and tests use them)
     @property
@@ -270,6 +288,10 @@ class Trainer:
         return result
 
 
+# errors whose message names the field or file and the fix (the CLI prints them without a traceback)
+USER_ERRORS = (ConfigError, CheckpointError, RewardSetupError, RewardFailureError)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -322,6 +344,9 @@ def main(argv=None) -> dict:
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
+    except USER_ERRORS as e:  # says what to fix: one line, no traceback
+        rt.fail(e, brief=True)  # several processes: this rank's error, exit 2 now
+        raise SystemExit(f"error: {e}") from None
     except BaseException as e:
         rt.fail(e)  # several processes: this rank's error, exit 1 now (no barrier: it would deadlock)
         raise

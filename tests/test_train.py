@@ -113,9 +113,9 @@ def test_nan_rewards_are_masked_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("rewards=[{name: no_such_reward, weight: 1}]", "unknown reward name 'no_such_reward'"),
+    ("rewards=[{name: no_such_reward, weight: 1}]", r"rewards\[0\].name: unknown scorer type 'no_such_reward'"),
     ("data.train_prompts=/nonexistent/prompts.txt", "data.train_prompts"),
-    ("checkpoint.resume=latest", "no complete checkpoint"),
+    ("checkpoint.resume=/nonexistent/checkpoint-000001", "not a checkpoint folder"),
 ])
 def test_bad_input_errors(tmp_path, override, match):
     with pytest.raises((ConfigError, ValueError, FileNotFoundError, CheckpointError), match=match):
@@ -159,10 +159,18 @@ def test_gram_methods_get_a_measured_gram(tmp_path, method):
 
 @register_scorer("always_fails_test")
 class AlwaysFails:
+    """Passes the check before training, then fails every batch (a server that died after the start)."""
+
     name = "always_fails_test"
 
+    def __init__(self):
+        self.calls = 0
+
     def __call__(self, images, prompts, metadata):
-        raise RuntimeError("model server is down")
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("model server is down")
+        return torch.zeros(len(prompts))
 
 
 def test_reward_failing_every_batch_stops_the_run_clearly(tmp_path):

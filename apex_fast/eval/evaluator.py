@@ -47,7 +47,10 @@ class Evaluator:
                             generators=generators_for(e.seed, "eval", indices=mine), batch_size=bs,
                             progress=pbar.update)
             images = decode_latents(self.pipe.vae, ro.final)
-            R = score_all(self.scorers, images, prompts, meta)
+            # bounded like training: each batch of sample.batch_size images, each reward's timeout_s
+            bs = self.cfg.sample.batch_size
+            R = torch.cat([score_all(self.scorers, images[i:i + bs], prompts[i:i + bs], meta[i:i + bs],
+                                     timeout_s=self.sampler.reward_timeouts) for i in range(0, len(prompts), bs)])
             if rank == 0:  # labelled by prompt; the prompts also in eval_epochNNNNN.txt beside it
                 save_prompt_grid(images, prompts, self.out_dir / "samples" / (grid_name or f"eval_epoch{epoch:05d}.png"),
                                  title=grid_title or (f"epoch {epoch}: held-out prompts, ODE {e.num_steps} steps, "

@@ -5,6 +5,8 @@ first runs, not here.
 """
 from .base import (
     RewardFailureError,
+    ScorerBusyError,
+    call_bounded,
     RewardFailureTracker,
     Scorer,
     available_scorers,
@@ -23,9 +25,11 @@ from . import alignment as _alignment  # noqa: F401  registers prompt_alignment 
 from .models import RewardModelLoadError
 from .remote import RemoteScorer, RemoteScorerError, start_server
 from .ocr import extract_target, ocr_score
+from .preflight import RewardSetupError, build_scorers, check_scorers
 
 __all__ = [
     "Scorer", "available_scorers", "make_scorer", "register_scorer", "score_all", "score_all_async", "to_uint8_hwc",
     "RewardFailureError", "RewardFailureTracker", "RewardModelLoadError", "extract_target", "ocr_score",
-    "RemoteScorer", "RemoteScorerError", "start_server",
+    "RemoteScorer", "RemoteScorerError", "start_server", "ScorerBusyError", "call_bounded",
+    "RewardSetupError", "build_scorers", "check_scorers",
 ]

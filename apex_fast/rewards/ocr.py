@@ -12,7 +12,8 @@ Levenshtein(rec, target), capped at len(target); r = 1 - dist / len(target), in 
 Engines (``engine=``): "rapidocr" (default; PP-OCR ONNX weights shipped inside the
 rapidocr-onnxruntime wheel, runs offline on CPU), "tesseract" (pytesseract + the Debian
 tesseract-ocr binary), "easyocr" (optional extra ``gpu``; pulls torchvision). The engine is created
-lazily, once per scorer. An engine error on one image gives NaN for that image only.
+lazily, once per scorer; an engine that cannot be created fails the call (and ``check()``) with its
+fix. An engine error on one image gives NaN for that image only.
 """
 from __future__ import annotations
 
@@ -151,6 +152,10 @@ class OcrScorer:
                     self._engine = OCR_ENGINES[spec](**self._engine_kwargs) if isinstance(spec, str) else spec
         return self._engine
 
+    def check(self) -> None:
+        """Create the engine now (a missing engine or binary raises with the fix)."""
+        _ = self.engine
+
     def recognize(self, img: np.ndarray) -> list[str]:
         eng = self.engine
         with self._lock:
@@ -169,6 +174,7 @@ class OcrScorer:
             target = md.get("ocr_target") if isinstance(md.get("ocr_target"), str) else extract_target(prompts[i])
             if target is None or not normalize_text(target):
                 continue
+            _ = self.engine  # a missing engine fails the whole call (with its fix), not image by image
             try:
                 lines = self.recognize(arr[i])
             except Exception:  # noqa: BLE001 - NaN for this image only

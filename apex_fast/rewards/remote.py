@@ -89,7 +89,7 @@ class RemoteScorer:
                                          headers={"Content-Type": ctype} if body is not None else {})
             try:
                 with self._open(req, timeout=timeout or self.timeout) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
             except urllib.error.HTTPError as e:
                 try:
                     msg = json.loads(e.read()).get("error", "")
@@ -100,6 +100,17 @@ class RemoteScorer:
                     raise RemoteScorerError(f"remote reward {self.name!r} at {self.url}{path}: {last}") from None
             except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            else:
+                try:
+                    out = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise RemoteScorerError(
+                        f"remote reward {self.name!r} at {self.url}{path}: the answer is not JSON "
+                        f"({raw[:120]!r}); is {self.url} an apex_fast.rewards.server?") from None
+                if not isinstance(out, dict):
+                    raise RemoteScorerError(f"remote reward {self.name!r} at {self.url}{path}: expected a JSON "
+                                            f"object, got {str(out)[:120]}")
+                return out
         raise RemoteScorerError(
             f"remote reward {self.name!r}: scoring server at {self.url} is unreachable or not answering after "
             f"{self.retries + 1} attempt(s) (timeout {timeout or self.timeout:g} s; last error {last}). Is it running? "
@@ -109,6 +120,10 @@ class RemoteScorer:
 
     def health(self, timeout: float | None = None) -> dict:
         return self._request("GET", "/health", timeout=timeout)
+
+    def check(self) -> None:
+        """GET /health (the trainer's check before the first epoch)."""
+        self.health()
 
     def _score_chunk(self, arr: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
         if self.image_format == "raw":
@@ -125,7 +140,11 @@ class RemoteScorer:
         scores = resp.get("scores")
         if not isinstance(scores, list) or len(scores) != len(arr):
             raise RemoteScorerError(f"remote reward {self.name!r}: bad answer from {self.url}: {str(resp)[:200]}")
-        return torch.tensor([float("nan") if v is None else float(v) for v in scores], dtype=torch.float32)
+        try:
+            return torch.tensor([float("nan") if v is None else float(v) for v in scores], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise RemoteScorerError(f"remote reward {self.name!r}: non-numeric scores from {self.url}/score: "
+                                    f"{str(scores)[:200]}") from None
 
     def __call__(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
         arr = to_uint8_hwc(images)
