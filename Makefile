@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m apex_fast.train --config configs/tiny_cpu.yaml
+	$(PY) -m apex_fast.train --config configs/tiny_cpu.yaml --new-run
 
 demo-apex: $(STAMP)
 	$(PY) -m bench.compare_methods --config configs/tiny_cpu.yaml --methods static apex

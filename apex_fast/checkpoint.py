@@ -4,12 +4,16 @@ Layout of one checkpoint folder (``<output_dir>/checkpoints/checkpoint-<epoch>``
   pytorch_lora_weights.safetensors  LoRA in diffusers format (``pipe.load_lora_weights(folder)``)
   state.safetensors                 every tensor of the trainer state (weights, optimizer, EMA, RNG, balancer)
   state.json                        the rest (epoch, step, hyperparameters, history), with tensor placeholders
+  checksums.json                    sha256 of every other file (also engine shards): a corrupted or edited
+                                    checkpoint is refused on resume with the file named
 A folder is written under a temporary name and renamed when complete, so a crash never leaves a
 half-written checkpoint under a real name and never damages an earlier one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,12 +24,54 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("apex_fast.checkpoint")
+
 _TENSOR = "__tensor__"
+CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> None:
+    """checksums.json: sha256 of every file under ``folder`` (relative paths), written last."""
+    folder = Path(folder)
+    sums = {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=0))
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Every file listed in checksums.json is present and unchanged; CheckpointError naming the file
+    otherwise. A checkpoint of an older apex-fast without checksums.json is accepted with a warning."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())["sha256"]
+    except FileNotFoundError:
+        log.warning("checkpoint %s has no %s (written by an older apex-fast): not verified", folder, CHECKSUMS)
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: {CHECKSUMS} is unreadable ({type(e).__name__}: {e}); resume from "
+                              f"an earlier checkpoint (checkpoint.resume=<folder>)") from None
+    for rel, digest in sums.items():
+        f = folder / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {folder}: file {rel} is missing; resume from an earlier checkpoint "
+                                  f"(checkpoint.resume=<folder>) or restore the file")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {folder}: file {rel} does not match its checksum (corrupted or edited "
+                                  f"after it was written); resume from an earlier checkpoint "
+                                  f"(checkpoint.resume=<folder>) or restore the file")
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
@@ -87,7 +133,8 @@ def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None,
         save_file(tensors, str(tmp / "state.safetensors"))
         if write_extra is not None:
             write_extra(tmp)
-        (tmp / "state.json").write_text(json.dumps(skeleton))  # written last: marks completeness
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+        write_checksums(tmp)  # last: covers every file above
         if final.exists():
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -104,15 +151,12 @@ def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None,
     return final
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path:
-    """``latest`` -> newest complete checkpoint under root; otherwise a checkpoint folder path."""
+def resolve_resume(resume: str, root: str | Path) -> Path | None:
+    """``latest`` -> newest complete checkpoint under root, or None when there is none (the caller
+    starts fresh: a job script may always pass --resume latest); otherwise a checkpoint folder path."""
     if resume == "latest":
         found = checkpoint_dirs(root)
-        if not found:
-            raise CheckpointError(
-                f"checkpoint.resume=latest: no complete checkpoint under {root}; start without --resume "
-                f"or point log.output_dir at the run to continue")
-        return found[-1]
+        return found[-1] if found else None
     p = Path(resume)
     if not (p / "state.json").is_file():
         raise CheckpointError(
@@ -121,8 +165,10 @@ def resolve_resume(resume: str, root: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     try:
         skeleton = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))

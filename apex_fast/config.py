@@ -121,6 +121,7 @@ class TrainConfig:
     ema_every: int = 8  # optimizer steps between EMA updates
     gram_every: int = 1  # balance.gradients proxy: epochs between Gram probes for balancers that want one (0: never)
     reward_max_failures: int = 5  # stop after a reward fails a whole batch this many times in a row (0: never)
+    max_nonfinite_steps: int = 3  # optimizer steps with a non-finite loss/gradient are skipped; stop after this many in a row
 
 
 @dataclass
@@ -161,7 +162,9 @@ class LogConfig:
 class CheckpointConfig:
     every: int = 10  # epochs between checkpoints (0: only at the end)
     keep: int = 3  # most recent checkpoints kept
-    resume: str | None = None  # None | "latest" | path to a checkpoint folder
+    resume: str | None = None  # None | "latest" (none yet: start fresh) | path to a checkpoint folder
+    force_resume: bool = False  # resume although the run's identity changed (base model, reward weights/types/order, balancer)
+    new_run: bool = False  # start a new run in a folder that holds one (its files move to previous-runs/<run id>/)
 
 
 ALGORITHMS = ("grpo", "dpo")
@@ -416,6 +419,7 @@ def _validate(c: Config) -> None:
     _require(t.ema_every >= 1, "train.ema_every", f"must be >= 1, got {t.ema_every}")
     _require(t.gram_every >= 0, "train.gram_every", f"must be >= 0, got {t.gram_every}")
     _require(t.reward_max_failures >= 0, "train.reward_max_failures", f"must be >= 0, got {t.reward_max_failures}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     _require(len(c.rewards) > 0, "rewards", "no reward given; add e.g. `rewards: [{name: jpeg_compressibility, weight: 1.0}]`")
     names = [r.name for r in c.rewards]
     for i, r in enumerate(c.rewards):
@@ -453,3 +457,5 @@ def _validate(c: Config) -> None:
     _require(c.eval.images_per_prompt >= 1, "eval.images_per_prompt", f"must be >= 1, got {c.eval.images_per_prompt}")
     _require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
     _require(c.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.checkpoint.keep}")
+    _require(not (c.checkpoint.new_run and c.checkpoint.resume), "checkpoint.new_run",
+             "cannot be combined with checkpoint.resume (--resume): a new run starts from scratch")

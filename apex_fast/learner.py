@@ -25,16 +25,27 @@ run state (run_state.py). A learner:
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 
 import torch
 
 from .run_state import EMA
+
+log = logging.getLogger("apex_fast.learner")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class Learner:
     global_step: int = 0
     ema: EMA | None = None
     needs_rollout: bool = True  # False: the learner brings its own data (learn gets batch, R, group_ids = None)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient, whole run
+    skipped_in_epoch: int = 0
+    _nonfinite_streak: int = 0
 
     def rollout_model(self):
         """Context under which the trainer samples the epoch's rollouts (default: the current weights)."""
@@ -49,6 +60,26 @@ class Learner:
         """Extra text for the run summary from the final evaluation results."""
         return ""
 
+    def count_step(self, grad_norm: float, epoch: int) -> bool:
+        """After ``engine.step``: True if the step was taken; False if it was skipped because the
+        loss or gradient was not finite (the engines skip it on every rank alike), counted, and a
+        NonFiniteTrainingError after ``train.max_nonfinite_steps`` skipped steps in a row."""
+        if math.isfinite(grad_norm):
+            self._nonfinite_streak = 0
+            return True
+        self.skipped_steps += 1
+        self.skipped_in_epoch += 1
+        self._nonfinite_streak += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        log.warning("epoch %d: optimizer step skipped, non-finite loss or gradient (norm %s; %d in a row, %d in the "
+                    "run)", epoch, grad_norm, self._nonfinite_streak, self.skipped_steps)
+        if self._nonfinite_streak >= limit:
+            raise NonFiniteTrainingError(
+                f"epoch {epoch}: {self._nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient "
+                f"(limit train.max_nonfinite_steps={limit}); the weights were not updated by them and no bad checkpoint "
+                f"was written. Lower train.lr, check the rewards (reward/<k>/mean) or raise the limit")
+        return False
+
     def learn(self, batch, R: torch.Tensor, group_ids: torch.Tensor, epoch: int) -> dict[str, float]:
         raise NotImplementedError
 
@@ -57,9 +88,11 @@ class Learner:
         return None if self.ema is None else self.ema.values
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step, "ema": None if self.ema is None else self.ema.values}
+        return {"global_step": self.global_step, "ema": None if self.ema is None else self.ema.values,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load(state["ema"])

@@ -31,10 +31,12 @@ from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
 from apex_fast.models import add_lora, load_lora_init, load_pipeline
-from apex_fast.checkpoint import CheckpointError
+from apex_fast.checkpoint import CheckpointError, resolve_resume
 from apex_fast.rewards import (RewardFailureError, RewardFailureTracker, RewardSetupError, build_scorers,
                                check_scorers)
 from apex_fast.rl.learner import GRPOLearner
+from apex_fast.learner import NonFiniteTrainingError
+from apex_fast.run_folder import RunFolder, RunFolderError
 from apex_fast.run_state import RunState, TrainableWeights
 from apex_fast.sampling import EpochBatch, EpochSamples, RolloutSampler, generators_for  # noqa: F401  (re-exports)
 from apex_fast.tracking import (Tracker, bars_enabled, console, format_banner, format_epoch_line, format_reward_table,
@@ -55,6 +57,17 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = self.runtime.device
         self.out_dir = Path(cfg.log.output_dir)
+        # one run per folder, one trainer at a time: checked and locked before anything expensive
+        self.folder = RunFolder(self.out_dir)
+        self._resume_path = None
+        if self.is_main:
+            self.folder.check_writable()
+            self.folder.acquire()
+            self._resume_path = resolve_resume(cfg.checkpoint.resume, self.out_dir / "checkpoints") \
+                if cfg.checkpoint.resume else None
+            if self._resume_path is None:  # a new run (or --resume latest with nothing to resume yet)
+                self.run_id = self.folder.claim(new_run=cfg.checkpoint.new_run, resuming=bool(cfg.checkpoint.resume))
+        self.runtime.barrier()
         s = cfg.sample
         # which global samples this rank rolls out and trains on, micro-batch by micro-batch; the
         # same global micro-batches for any number of processes (runtime/layout.py)
@@ -117,6 +130,7 @@ class Trainer:
                                    self.out_dir)
         self.run_state = RunState(cfg, self.runtime, self.weights, self.engine, self.balancer, self.learner,
                                   self.out_dir / "checkpoints")
+        self.run_state.run_id = getattr(self, "run_id", None)
         self.epoch = 0
         self.eval_history: dict[int, dict[str, float]] = {}
         self.tracker: Tracker | None = None
@@ -210,9 +224,24 @@ class Trainer:
         self.epoch, self.eval_history = self.run_state.resume(resume)
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.folder.release()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
+            if self.is_main and self.run_state.resumed_from is not None:
+                self.run_state.run_id = self.folder.claim(new_run=False, resuming=True, run_id=self.run_state.run_id)
+            if self.epoch > cfg.train.epochs:
+                raise CheckpointError(f"checkpoint {self.run_state.resumed_from} is at epoch {self.epoch}, past "
+                                      f"train.epochs={cfg.train.epochs}; raise train.epochs to train on, or resume an "
+                                      f"earlier checkpoint (checkpoint.resume=<folder>)")
+            if self.epoch == cfg.train.epochs and self.is_main:
+                log.info("checkpoint %s is already at train.epochs=%d: nothing to train (raise train.epochs to "
+                         "continue); writing the final outputs", self.run_state.resumed_from, cfg.train.epochs)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -289,7 +318,8 @@ class Trainer:
 
 
 # errors whose message names the field or file and the fix (the CLI prints them without a traceback)
-USER_ERRORS = (ConfigError, CheckpointError, RewardSetupError, RewardFailureError)
+USER_ERRORS = (ConfigError, CheckpointError, RewardSetupError, RewardFailureError, RunFolderError,
+               NonFiniteTrainingError)
 
 
 def parse_args(argv=None):
@@ -306,7 +336,9 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny_cpu.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
-    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    ap.add_argument("--resume", default=None, help="'latest' (none yet: start fresh) or a checkpoint folder")
+    ap.add_argument("--new-run", action="store_true",
+                    help="start a new run in an output folder that holds one (its files move to previous-runs/)")
     ap.add_argument("--output-dir", default=None, help="shortcut for --set log.output_dir=...")
     ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO stage etc.)")
     ap.add_argument("--print-config", action="store_true",
@@ -325,6 +357,8 @@ def main(argv=None) -> dict:
         overrides.append(f"log.output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.new_run:
+        overrides.append("checkpoint.new_run=true")
     if args.deepspeed:
         overrides.append(f"deepspeed={args.deepspeed}")
     if args.print_config:

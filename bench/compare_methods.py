@@ -35,7 +35,8 @@ def main(argv=None):
     for method in args.methods:
         base = load_config(args.config, args.set)
         cfg = load_config(args.config, args.set + [f"balance.method={method}",
-                                                   f"log.output_dir={base.log.output_dir}_{method}"])
+                                                   f"log.output_dir={base.log.output_dir}_{method}",
+                                                   "checkpoint.new_run=true"])  # a rerun replaces the last
         t0 = time.perf_counter()
         result = Trainer(cfg).fit()
         rows = list(csv.DictReader((Path(cfg.log.output_dir) / "metrics.csv").open()))

@@ -67,8 +67,8 @@ class APEX(Balancer):
     def state_dict(self):
         return {**super().state_dict(), "pi": self.pi.clone()}
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _load_state(self, state):
+        super()._load_state(state)
         pi = torch.as_tensor(state["pi"], dtype=torch.float64).flatten().cpu()
         if pi.numel() != self.K:
             raise ValueError(f"balancer state 'pi' has {pi.numel()} values, expected K = {self.K}")

@@ -92,9 +92,14 @@ class Balancer:
             cfg = dataclasses.replace(cfg, **overrides)
         cfg.validate_for(self.K)
         self.cfg = cfg
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"balance: names must be a list of strings, got {names!r}")
         self.names = list(names) if names is not None else [f"r{k}" for k in range(self.K)]
+        self._named = names is not None  # unnamed balancers match state by position
         if len(self.names) != self.K:
             raise ValueError(f"balance: {len(self.names)} reward names for {self.K} weights")
+        if len(set(self.names)) != self.K:
+            raise ValueError(f"balance: reward names must be unique, got {self.names}")
         self.p3 = P3Tracker(self.weights, cfg)
         self._Ahat: torch.Tensor | None = None
         self._gram_seen = False
@@ -137,15 +142,28 @@ class Balancer:
 
     def state_dict(self) -> dict:
         """Flat dict of tensors and python scalars (safetensors + JSON friendly, no pickle)."""
-        return {"method": self.name, "K": self.K, **self.p3.state_dict()}
+        named = {"names": list(self.names)} if self._named else {}
+        return {"method": self.name, "K": self.K, **named, **self.p3.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Per-objective state is matched by reward name (key), never by position: a state saved with
+        the same names in another order is permuted; other names or another K raise ValueError."""
         method = state.get("method", self.name)
         if method != self.name:
             raise ValueError(f"balancer state is for method {method!r}, this balancer is {self.name!r} "
                              "(balance.method changed between runs?)")
         if int(state.get("K", self.K)) != self.K:
             raise ValueError(f"balancer state has K = {int(state['K'])} objectives, this run has {self.K}")
+        names = state.get("names")
+        if names is not None and self._named and list(names) != self.names:
+            if sorted(names) != sorted(self.names):
+                raise ValueError(f"balancer state is for rewards {list(names)}, this balancer has {self.names}")
+            order = torch.tensor([list(names).index(n) for n in self.names])
+            state = {k: (v[order] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.K else v)
+                     for k, v in state.items()}
+        self._load_state(state)
+
+    def _load_state(self, state: dict) -> None:
         self.p3.load_state_dict(state)
 
     # ----------------------------------------------------------------------------- helpers

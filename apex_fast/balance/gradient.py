@@ -70,8 +70,8 @@ class GramAggregatorBalancer(Balancer):
         return {**super().state_dict(), "coef": self.coef.clone(), "coef_from_gram": int(self.coef_from_gram),
                 "rng": self.generator.get_state().clone()}
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _load_state(self, state):
+        super()._load_state(state)
         coef = torch.as_tensor(state["coef"], dtype=torch.float64).flatten().cpu()
         if coef.numel() != self.K:
             raise ValueError(f"balancer state 'coef' has {coef.numel()} values, expected K = {self.K}")

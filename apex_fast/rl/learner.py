@@ -168,6 +168,7 @@ class GRPOLearner(Learner):
         the whole batch's per-objective advantages (needed with balance.gradients one/k_backward)."""
         t = self.cfg.train
         self.transformer.train()
+        self.skipped_in_epoch, self._epoch = 0, epoch
         stats = {k: [] for k in GRPO_STEP_STATS}
         bars = bars_enabled(self.cfg.log.progress, self.runtime.rank)
         self._epoch_J = None
@@ -184,6 +185,7 @@ class GRPOLearner(Learner):
                 if (b + 1) % self.accumulation == 0:
                     self.optimizer_step(stats)
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        out["skipped_steps"] = float(self.skipped_in_epoch)
         # each rank averaged over equally many samples of its own: the mean over ranks is the
         # global batch's (one all-reduce), so the log does not depend on the process count
         vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]
@@ -192,7 +194,10 @@ class GRPOLearner(Learner):
     def optimizer_step(self, stats: dict) -> None:
         """lr of this step from train.lr_schedule, clip + AdamW on the accumulated gradients, EMA."""
         self.engine.set_lr(self.lr)
-        stats["grad_norm"].append(self.engine.step(self.cfg.train.max_grad_norm))
+        norm = self.engine.step(self.cfg.train.max_grad_norm)
+        if not self.count_step(norm, self._epoch):
+            return  # skipped (non-finite loss or gradient): no step, no EMA update
+        stats["grad_norm"].append(norm)
         self.global_step += 1
         if self.ema is not None:
             self.ema.update(self.global_step)

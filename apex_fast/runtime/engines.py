@@ -8,8 +8,10 @@ The learner sees one seam, ``make_engine(cfg, model, params, runtime)``:
     engine.add_grads(grads)        add precomputed per-parameter gradients (this rank's, unreduced) to
                                    what backward accumulated: the combined multi-objective update of grad/
     engine.set_lr(lr)              the learning rate of the next step (train.lr_schedule, see lr_schedule)
-    engine.step(max_grad_norm)     reduce over ranks, clip to the global norm, AdamW; -> norm before clipping
+    engine.step(max_grad_norm)     reduce over ranks, clip to the global norm, AdamW; -> norm before clipping;
+                                   a non-finite loss or gradient on any rank skips the step on every rank (-> inf/nan)
                                    (called once per train.gradient_accumulation micro-batches)
+    engine.set_hyperparameters(train)   lr, betas, eps, weight decay from the config (after a resume)
     engine.gathered(params, modify=False)   context with full parameters (ZeRO-3; a no-op otherwise)
     engine.consolidated(named)     full copies on rank 0, gathered one parameter at a time (ZeRO-3)
     engine.optimizer_state() / load_optimizer_state(state)   optimizer state inside our checkpoint (torch)
@@ -71,12 +73,18 @@ class TorchEngine:
     zero_stage = 0
     # gradients may reach .grad by any backward (DeepSpeed: only through its backward or add_grads)
     accepts_direct_grads = True
+    _nonfinite_loss = False
+
+    def set_hyperparameters(self, t) -> None:
+        set_optimizer_hyperparameters(self.optimizer, t)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_loss = True  # this step will be skipped (on every rank, see step)
         loss.backward(retain_graph=retain_graph)
 
     def add_grads(self, grads: list[torch.Tensor]) -> None:
@@ -89,13 +97,24 @@ class TorchEngine:
             torch._foreach_add_([p.grad for p in self.params], [g.to(p.dtype) for p, g in zip(self.params, grads)])
 
     def step(self, max_grad_norm: float) -> float:
+        """Reduce, clip, AdamW; -> the gradient norm before clipping. A non-finite loss or gradient
+        skips the update (returns a non-finite norm): a NaN planted in this rank's gradient before
+        the all-reduce makes every rank see it and skip together."""
+        if self._nonfinite_loss:
+            first = next((p for p in self.params), None)
+            if first is not None:
+                if first.grad is None:
+                    first.grad = torch.zeros_like(first)
+                first.grad.view(-1)[0] = float("nan")
+            self._nonfinite_loss = False
         if self.runtime.distributed:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             self.runtime.all_reduce_mean_([p.grad for p in self.params])
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-        self.optimizer.step()
+        if torch.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -124,6 +143,13 @@ class TorchEngine:
 
     def close(self) -> None:
         pass
+
+
+def set_optimizer_hyperparameters(optimizer, t) -> None:
+    """``train.lr``, ``adam_betas``, ``adam_eps``, ``weight_decay`` into every param group (a resumed
+    optimizer state carries the checkpoint's; the config's must win)."""
+    for g in optimizer.param_groups:
+        g.update(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -222,6 +248,8 @@ class DeepSpeedEngine:
         return self.stage == 3
 
     accepts_direct_grads = False
+    def set_hyperparameters(self, t) -> None:
+        set_optimizer_hyperparameters(self.optimizer, t)  # the ZeRO wrapper's groups are the client optimizer's
 
     @property
     def zero_stage(self) -> int:
@@ -248,7 +276,7 @@ class DeepSpeedEngine:
         if max_grad_norm != self.config["gradient_clipping"]:
             raise ValueError(f"DeepSpeedEngine.step: max_grad_norm={max_grad_norm} but the engine clips at "
                              f"{self.config['gradient_clipping']} (train.max_grad_norm when it was built)")
-        self.engine.step()
+        self.engine.step()  # ZeRO skips a step whose gradient norm is not finite (its overflow check)
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
