@@ -375,12 +375,20 @@ def main(argv=None) -> dict:
         if not dry_run(cfg):
             raise SystemExit(1)
         return {}
+    rt.install_stop_handlers()  # SIGTERM/SIGHUP stop like Ctrl-C: nothing half-written, last checkpoint intact
+    rt.watch_parent()  # under torchrun/deepspeed: stop if the launcher dies
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
     except USER_ERRORS as e:  # says what to fix: one line, no traceback
         rt.fail(e, brief=True)  # several processes: this rank's error, exit 2 now
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or a stop signal (rt.Stopped)
+        code = 128 + getattr(e, "signum", 2)
+        msg = f"{e or 'stopped by SIGINT'}; checkpoints written so far are intact, continue with --resume latest"
+        rt.fail(RuntimeError(msg), brief=True, code=code)
+        print(f"apex_fast: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
     except BaseException as e:
         rt.fail(e)  # several processes: this rank's error, exit 1 now (no barrier: it would deadlock)
         raise

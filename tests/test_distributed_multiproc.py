@@ -263,10 +263,12 @@ FAILING = textwrap.dedent("""
     from apex_fast.rewards import register_scorer
 
     @register_scorer("down_on_rank1")
-    class DownOnRank1:
+    class DownOnRank1:  # passes the check before training, then rank 1's server is down
         name = "down_on_rank1"
+        calls = 0
         def __call__(self, images, prompts, metadata):
-            if os.environ["RANK"] == "1":
+            self.calls += 1
+            if os.environ["RANK"] == "1" and self.calls > 1:
                 raise ConnectionError("reward server unreachable from rank 1")
             return torch.linspace(0, 1, len(prompts))
 

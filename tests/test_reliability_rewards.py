@@ -277,8 +277,8 @@ def test_ctrl_c_stops_a_run_at_once_while_a_scorer_hangs(tmp_path):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-        assert time.monotonic() - t0 < 30 and proc.returncode != 0
-        assert "KeyboardInterrupt" in proc.stdout.read()
+        assert time.monotonic() - t0 < 30
+        assert proc.returncode == 130 and "stopped by SIGINT" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -113,7 +113,7 @@ class Runtime:
                 dist.barrier()
             dist.destroy_process_group()
 
-    def abort(self, exc: BaseException | None = None, brief: bool = False) -> None:
+    def abort(self, exc: BaseException | None = None, brief: bool = False, code: int | None = None) -> None:
         """A rank failed. Several processes: print the error with the rank and leave NOW with exit
         code 1, without a barrier or ``destroy_process_group`` (both wait for peers that are inside
         another collective: a deadlock). The peers' next collective fails at once (gloo: "Connection
@@ -131,17 +131,17 @@ class Runtime:
         sys.stderr.flush()
         sys.stdout.flush()
         logging.shutdown()
-        os._exit(2 if brief else 1)
+        os._exit(code if code is not None else 2 if brief else 1)
 
 
-def fail(exc: BaseException | None = None, brief: bool = False) -> None:
+def fail(exc: BaseException | None = None, brief: bool = False, code: int | None = None) -> None:
     """Call from an ``except`` block of the entry point. Several processes: report this rank's
     error and exit 1 at once (``Runtime.abort``). One process: release the process group, if any
     (nobody to wait for), and return so the caller re-raises."""
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world > 1:
-            Runtime(rank=dist.get_rank(), world_size=world).abort(exc, brief=brief)
+            Runtime(rank=dist.get_rank(), world_size=world).abort(exc, brief=brief, code=code)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
