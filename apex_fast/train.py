@@ -30,7 +30,7 @@ from apex_fast.dpo import ReferenceAdapter, read_pairs
 from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
-from apex_fast.models import add_lora, load_lora_init, load_pipeline
+from apex_fast.models import ModelLoadError, add_lora, load_lora_init, load_pipeline, max_resolution
 from apex_fast.checkpoint import CheckpointError, resolve_resume
 from apex_fast.rewards import (RewardFailureError, RewardFailureTracker, RewardSetupError, build_scorers,
                                check_scorers)
@@ -74,8 +74,11 @@ class Trainer:
         self.layout = rt.SampleLayout(s.prompts_per_epoch * s.group_size, cfg.train.micro_batch_size,
                                       self.world, self.rank, seed=cfg.train.seed)
 
-        train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
-        eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")[: cfg.eval.num_prompts]
+        try:
+            train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
+            eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")[: cfg.eval.num_prompts]
+        except (ValueError, FileNotFoundError) as e:  # the message names the field and the fix
+            raise ConfigError(str(e)) from None
         self.names = [r.name for r in cfg.rewards]  # reward keys
         try:
             self.scorers = build_scorers(cfg.rewards)
@@ -94,6 +97,10 @@ class Trainer:
                                   variant=m.variant, gradient_checkpointing=m.gradient_checkpointing,
                                   attention_backend=m.attention_backend)
         self.transformer = self.pipe.transformer
+        top = max_resolution(self.pipe)
+        if top is not None and cfg.model.resolution > top:
+            raise ConfigError(f"model.resolution: {cfg.model.resolution} px is more than {m.pretrained!r} supports "
+                              f"({top} px: its position embedding); use at most {top}")
         if cfg.lora.enabled:
             add_lora(self.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                      target_modules=cfg.lora.target_modules, seed=rt.seed_for(cfg.train.seed, "lora"))
@@ -319,7 +326,7 @@ class Trainer:
 
 # errors whose message names the field or file and the fix (the CLI prints them without a traceback)
 USER_ERRORS = (ConfigError, CheckpointError, RewardSetupError, RewardFailureError, RunFolderError,
-               NonFiniteTrainingError)
+               NonFiniteTrainingError, ModelLoadError)
 
 
 def parse_args(argv=None):

@@ -27,7 +27,11 @@ def load_prompts(path: str | Path, field: str = "data.train_prompts") -> list[tu
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field}: {e}") from None
     items: list[tuple[str, dict]] = []
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{field}: {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
+                         f"e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.txt`") from None
     if p.suffix == ".jsonl":
         for i, line in enumerate(lines, 1):
             if not line.strip():

@@ -10,7 +10,7 @@ encoding; LoRA (peft, diffusers format).
 
 from pathlib import Path
 
-from .loading import ModelLoadError, load_pipeline, resolve_dtype
+from .loading import ModelLoadError, load_pipeline, max_resolution, resolve_dtype
 from .lora import (
     DEFAULT_TARGETS,
     add_lora,
@@ -35,6 +35,7 @@ __all__ = [
     "ModelLoadError",
     "build_tiny_pipeline",
     "load_pipeline",
+    "max_resolution",
     "resolve_dtype",
     "encode_prompts",
     "encode_negative",

@@ -99,6 +99,29 @@ def _dtype_kwarg() -> str:
         return "torch_dtype"
 
 
+def _require_sd3_index(pretrained: str, index_path: str) -> None:
+    """A local folder must be an SD3/SD3.5 diffusers pipeline (model_index.json's _class_name)."""
+    try:
+        cls = json.loads(Path(index_path).read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"model.pretrained = {pretrained!r}: model_index.json is unreadable ({e}); "
+                             f"{_fix_hint(pretrained)}") from None
+    if cls != "StableDiffusion3Pipeline":
+        raise ModelLoadError(f"model.pretrained = {pretrained!r} holds a {cls} (model_index.json), not an SD3/SD3.5 "
+                             f"pipeline (StableDiffusion3Pipeline); point model.pretrained at an SD3 or SD3.5 "
+                             f"diffusers folder, e.g. stabilityai/stable-diffusion-3.5-medium")
+
+
+def max_resolution(pipe) -> int | None:
+    """Largest square image side (pixels) the transformer's position embedding covers
+    (pos_embed_max_size x patch_size x VAE downsampling); None: no fixed limit."""
+    cfg = pipe.transformer.config
+    pos = getattr(cfg, "pos_embed_max_size", None)
+    if not pos:
+        return None
+    return int(pos) * int(cfg.patch_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def _from_pretrained(pretrained: str, torch_dtype, revision, variant, local_files_only):
     from diffusers import StableDiffusion3Pipeline
 
@@ -109,6 +132,7 @@ def _from_pretrained(pretrained: str, torch_dtype, revision, variant, local_file
                 f"model.pretrained = {pretrained!r}: the directory exists but has no model_index.json, so it is not a "
                 f"diffusers pipeline folder. {_fix_hint(pretrained)}"
             )
+        _require_sd3_index(pretrained, os.path.join(expanded, "model_index.json"))
         source, is_local, lfo = expanded, True, True if local_files_only is None else local_files_only
     elif os.path.exists(expanded) or _looks_like_path(pretrained):
         raise ModelLoadError(
@@ -237,4 +261,4 @@ def load_pipeline(
     return pipe
 
 
-__all__ = ["load_pipeline", "resolve_dtype", "set_attention_backend", "freeze_pipeline", "ModelLoadError", "ATTENTION_BACKENDS"]
+__all__ = ["load_pipeline", "max_resolution", "resolve_dtype", "set_attention_backend", "freeze_pipeline", "ModelLoadError", "ATTENTION_BACKENDS"]

@@ -37,7 +37,10 @@ def _rewards(R, group_ids, *, need_2d: bool):
     if R.dim() not in ((2,) if need_2d else (1, 2)):
         raise ValueError(f"R must be {'[N, K]' if need_2d else '[N] or [N, K]'}, got shape {tuple(R.shape)}")
     if not isinstance(group_ids, torch.Tensor):
-        raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+        if isinstance(group_ids, (list, tuple)) and all(isinstance(g, int) and not isinstance(g, bool) for g in group_ids):
+            group_ids = torch.tensor(group_ids, dtype=torch.int64, device=R.device)  # a plain list of prompt ids
+        else:
+            raise TypeError(f"group_ids must be a torch.Tensor or a list of ints, got {type(group_ids).__name__}")
     if group_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"group_ids must be int32/int64 (e.g. prompt indices), got {group_ids.dtype}")
     if group_ids.dim() != 1 or group_ids.shape[0] != R.shape[0]:
@@ -166,6 +169,8 @@ def group_normalize(
     """Group-relative advantages; see reference.group_normalize for the contract.
     R [N] or [N, K] (any float dtype), group_ids [N] int (arbitrary values) -> float32, R's shape."""
     R2, ids = _rewards(R, group_ids, need_2d=False)
+    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     N, K = R2.shape
     floor = _floor(std_floor, K, R.device)
     backend = choose("group_normalize", R.device)
@@ -200,8 +205,8 @@ def dual_stage_advantages(
         w = w.to(device=R.device, dtype=torch.float32).reshape(-1).contiguous()
     if w.numel() != K:
         raise ValueError(f"weights must be [K={K}], got {w.numel()} values")
-    if not clip > 0 or not eps > 0:
-        raise ValueError(f"clip and eps must be > 0, got clip={clip}, eps={eps}")
+    if not 0 < clip < float("inf") or not 0 < eps < float("inf"):
+        raise ValueError(f"clip and eps must be finite and > 0, got clip={clip}, eps={eps}")
     floor = _floor(std_floor, K, R.device)
     backend = choose("dual_stage_advantages", R.device)
     if N == 0 or K == 0 or backend == "torch":

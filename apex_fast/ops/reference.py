@@ -26,25 +26,26 @@ def group_stats(R: torch.Tensor, group_ids: torch.Tensor):
     """
     _, inverse = torch.unique(group_ids, return_inverse=True)
     G = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    Rf = R.float()
-    valid = torch.isfinite(Rf)
+    # float64 accumulation (as the C++ backend): squares of rewards up to ~1e30 do not overflow
+    Rf = R.double()
+    valid = torch.isfinite(Rf) & (Rf.abs() <= torch.finfo(torch.float32).max)
     x = torch.where(valid, Rf, torch.zeros_like(Rf))
     K = Rf.shape[1]
     count = torch.zeros(G, K, dtype=torch.float32, device=R.device).index_add_(0, inverse, valid.float())
-    s1 = torch.zeros(G, K, dtype=torch.float32, device=R.device).index_add_(0, inverse, x)
-    mean = s1 / count.clamp_min(1)
+    s1 = torch.zeros(G, K, dtype=torch.float64, device=R.device).index_add_(0, inverse, x)
+    mean = s1 / count.double().clamp_min(1)
     dev = torch.where(valid, x - mean[inverse], torch.zeros_like(x))
-    s2 = torch.zeros(G, K, dtype=torch.float32, device=R.device).index_add_(0, inverse, dev * dev)
-    std = (s2 / count.clamp_min(1)).sqrt()
+    s2 = torch.zeros(G, K, dtype=torch.float64, device=R.device).index_add_(0, inverse, dev * dev)
+    std = (s2 / count.double().clamp_min(1)).sqrt()
     # an all-equal group has std exactly 0 even when its fp mean is off by an ulp
-    big = torch.finfo(torch.float32).max
+    big = torch.finfo(torch.float64).max
     idx = inverse[:, None].expand(-1, K)
-    gmax = torch.full((G, K), -big, device=R.device).scatter_reduce_(
+    gmax = torch.full((G, K), -big, dtype=torch.float64, device=R.device).scatter_reduce_(
         0, idx, torch.where(valid, x, torch.full_like(x, -big)), "amax")
-    gmin = torch.full((G, K), big, device=R.device).scatter_reduce_(
+    gmin = torch.full((G, K), big, dtype=torch.float64, device=R.device).scatter_reduce_(
         0, idx, torch.where(valid, x, torch.full_like(x, big)), "amin")
     std = torch.where(gmax > gmin, std, torch.zeros_like(std))
-    return inverse, count, mean, std
+    return inverse, count, mean.float(), std.float()
 
 
 def group_normalize(
@@ -69,20 +70,20 @@ def group_normalize(
     if R2.shape[0] == 0:
         return torch.zeros(R.shape, dtype=torch.float32, device=R.device)
     inverse, count, mean, std = group_stats(R2, group_ids)
-    Rf = R2.float()
-    valid = torch.isfinite(Rf)
-    centered = torch.where(valid, Rf - mean[inverse], torch.zeros_like(Rf))
+    Rf = R2.double()  # float64 like group_stats: no overflow for large rewards; A is float32
+    valid = torch.isfinite(Rf) & (Rf.abs() <= torch.finfo(torch.float32).max)
+    centered = torch.where(valid, Rf - mean.double()[inverse], torch.zeros_like(Rf))
     if global_std:
-        n = valid.float().sum(0).clamp_min(1)
+        n = valid.double().sum(0).clamp_min(1)
         gmean = torch.where(valid, Rf, torch.zeros_like(Rf)).sum(0) / n
         gdev = torch.where(valid, Rf - gmean, torch.zeros_like(Rf))
         denom = ((gdev * gdev).sum(0) / n).sqrt().expand_as(Rf)
     else:
-        denom = std[inverse]
+        denom = std.double()[inverse]
     if std_floor is not None:
-        floor = torch.as_tensor(std_floor, dtype=torch.float32, device=R.device)
+        floor = torch.as_tensor(std_floor, dtype=torch.float64, device=R.device)
         denom = torch.maximum(denom, floor.expand_as(denom))
-    A = centered / (denom + eps)
+    A = (centered / (denom + eps)).float()
     # zero-variance groups give exactly 0 (so zero-advantage masking drops them), also with global_std
     A = torch.where(std[inverse] > 0, A, torch.zeros_like(A))
     return A.reshape(R.shape) if squeeze else A
