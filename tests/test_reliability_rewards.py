@@ -282,3 +282,24 @@ def test_ctrl_c_stops_a_run_at_once_while_a_scorer_hangs(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_scoring_server_killed_mid_run_stops_it_with_key_and_url(tmp_path):
+    from apex_fast.rewards import RewardFailureError, start_server
+
+    with start_server("contrast") as srv:
+        cfg = cfg_for(tmp_path, f"[{{name: sharpness, type: remote, args: {{url: '{srv.url}', retries: 0, timeout: 5}}}}]",
+                      "train.epochs=3", "train.reward_max_failures=1")
+        tr = Trainer(cfg)  # the check before training passes: the server is up
+        collect = tr.sampler.collect
+
+        def collect_then_kill(epoch):
+            if epoch == 1:
+                srv.proc.kill()
+                srv.proc.wait()
+            return collect(epoch)
+
+        tr.sampler.collect = collect_then_kill
+        with pytest.raises(RewardFailureError, match=f"reward 'sharpness' failed.*{srv.url}.*unreachable"):
+            tr.fit()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-000001" / "state.json").is_file()  # epoch 1 kept
