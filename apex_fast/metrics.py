@@ -9,6 +9,8 @@ from .ops import group_stats
 
 # per optimizer step / trained timestep of a GRPO epoch, averaged over the epoch (and ranks)
 GRPO_STEP_STATS = ("clipfrac", "approx_kl", "kl", "policy_loss", "grad_norm")
+# optimizer steps of the epoch skipped for a non-finite loss or gradient (learner.Learner.count_step)
+SKIPPED_STEPS = "skipped_steps"
 
 
 def eval_key(name: str) -> str:

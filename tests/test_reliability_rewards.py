@@ -303,3 +303,42 @@ def test_a_scoring_server_killed_mid_run_stops_it_with_key_and_url(tmp_path):
         with pytest.raises(RewardFailureError, match=f"reward 'sharpness' failed.*{srv.url}.*unreachable"):
             tr.fit()
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-000001" / "state.json").is_file()  # epoch 1 kept
+
+
+RANK_SCRIPT = """
+import os, sys, torch
+from apex_fast.rewards import register_scorer
+@register_scorer("down_on_rank1_test")
+class D:
+    def __call__(self, images, prompts, metadata):
+        if os.environ["RANK"] == "1":
+            raise ConnectionError("connection refused by http://10.0.0.1:8765")
+        return torch.ones(len(prompts))
+from apex_fast.train import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_scorer_failing_its_check_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "r.py"
+    script.write_text(RANK_SCRIPT)
+    args = ["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--output-dir", str(tmp_path / "out")]
+    for o in FAST + ["train.epochs=1", "rewards=[{name: server, type: down_on_rank1_test}, {name: contrast}]"]:
+        args += ["--set", o]
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+                                              "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "failed its check on rank(s) [1]" in outs[0] and "Traceback" not in outs[0]
+    assert "rewards[0] 'server' (type 'down_on_rank1_test') failed its check" in outs[1]
+    assert "connection refused by http://10.0.0.1:8765" in outs[1]
+    assert not (tmp_path / "out" / "checkpoints").exists()

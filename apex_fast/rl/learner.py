@@ -31,7 +31,7 @@ from ..config import ConfigError
 from ..grad import (KBackwardGradients, ObjectiveGradients, aggregated_update, aggregator_coefficients,
                     commit_epoch, epoch_advantages, is_aggregator, probe_gram, scaled_coefficients, sharded_gram)
 from ..learner import Learner
-from ..metrics import GRPO_STEP_STATS, advantage_metrics
+from ..metrics import GRPO_STEP_STATS, SKIPPED_STEPS, advantage_metrics
 from ..models import lora_disabled
 from ..run_state import EMA
 from ..runtime import gradient_accumulation
@@ -185,7 +185,7 @@ class GRPOLearner(Learner):
                 if (b + 1) % self.accumulation == 0:
                     self.optimizer_step(stats)
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        out["skipped_steps"] = float(self.skipped_in_epoch)
+        out[SKIPPED_STEPS] = float(self.skipped_in_epoch)
         # each rank averaged over equally many samples of its own: the mean over ranks is the
         # global batch's (one all-reduce), so the log does not depend on the process count
         vals = self.runtime.all_reduce_mean_([torch.tensor(list(out.values()), dtype=torch.float64)])[0]

@@ -44,6 +44,8 @@ def _handler(signum, frame):
 def install_stop_handlers(signals=(signal.SIGTERM, signal.SIGHUP)) -> None:
     """SIGTERM/SIGHUP raise Stopped in the main thread (SIGINT already raises KeyboardInterrupt). Call
     from the main thread of the entry point."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (main() called from a worker)
     for s in signals:
         signal.signal(s, _handler)
 
