@@ -79,48 +79,49 @@ def dry_run(cfg, device: str | None = None) -> bool:
             n = sum(p.numel() for p in pipe.transformer.parameters())
             good &= _report(True, "lora", f"disabled: full fine-tuning of {n / 1e6:.3g} M parameters")
 
-    from apex_fast.rewards import make_scorer, score_all
+    # the trainer's own reward check (rewards/preflight.py): keys and types, bounded calls, /health
+    from apex_fast.rewards import RewardSetupError, build_scorers, check_scorers
 
-    res = cfg.model.resolution
-    image = torch.full((1, 3, res, res), 0.5)
-    prompt = prompts[0] if prompts else ("a photo", {})
-    for i, r in enumerate(cfg.rewards):
-        t0 = time.perf_counter()
-        try:
-            scorer = make_scorer(r.name, **r.args)
-            errors: dict = {}
-            v = score_all([scorer], image, [prompt[0]], [dict(prompt[1])], timeout_s=r.timeout_s or 300, errors=errors)
-            if errors:
-                raise RuntimeError(errors[scorer.name if getattr(scorer, "name", None) in errors else next(iter(errors))])
-            val = float(v[0, 0])
-            shown = "NaN: unscorable, counted as failed" if val != val else f"{val:.4g}"
-            good &= _report(True, f"rewards[{i}] {r.name}",
-                            f"scored a test image in {time.perf_counter() - t0:.1f} s ({shown})")
-        except Exception as e:  # noqa: BLE001 - builder errors name the scorer, the path and the fix
-            good &= _report(False, f"rewards[{i}] {r.name}", f"{type(e).__name__}: {e}")
+    t0 = time.perf_counter()
+    try:
+        scorers = build_scorers(cfg.rewards)
+    except RewardSetupError as e:
+        scorers = None
+        good &= _report(False, "rewards", str(e))
+    if scorers is not None:
+        errors = check_scorers(scorers, cfg.rewards, prompts, cfg.model.resolution)
+        for i, r in enumerate(cfg.rewards):
+            good &= _report(r.name not in errors, f"rewards[{i}] {r.name}",
+                            errors.get(r.name) or f"checked on a probe batch ({time.perf_counter() - t0:.1f} s so far)")
+
+    # the trainer's own output-folder rules (run_folder.py): writable, not locked, one run per folder
+    from apex_fast.checkpoint import checkpoint_dirs, resolve_resume
+    from apex_fast.run_folder import RunFolder, RunFolderError
 
     out = Path(cfg.log.output_dir)
+    folder = RunFolder(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".apex-fast-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-        from apex_fast.checkpoint import checkpoint_dirs
-
+        folder.check_writable()
+        folder.acquire()
+        folder.release()
         found = checkpoint_dirs(out / "checkpoints")
-        if found and not cfg.checkpoint.resume:
-            note = (f"writable; holds {len(found)} checkpoint(s) up to {found[-1].name}: this run starts from scratch "
-                    f"and overwrites them (continue it with --resume latest)")
-        else:
+        held = folder.held_outputs()
+        if cfg.checkpoint.resume:
             note = "writable" + (f"; {len(found)} checkpoint(s)" if found else "")
-        good &= _report(True, "log.output_dir", f"{out} {note}")
-    except OSError as e:
-        good &= _report(False, "log.output_dir", f"{out}: not writable ({e}); choose another --output-dir")
+            good &= _report(True, "log.output_dir", f"{out} {note}")
+        elif held and not cfg.checkpoint.new_run:
+            good &= _report(False, "log.output_dir", f"{out} holds another run ({', '.join(held)}); continue it with "
+                                                     f"--resume latest, start over with --new-run, or choose another "
+                                                     f"--output-dir")
+        else:
+            note = "; the run there moves to previous-runs/ (--new-run)" if held else ""
+            good &= _report(True, "log.output_dir", f"{out} writable{note}")
+    except RunFolderError as e:
+        good &= _report(False, "log.output_dir", str(e))
     if cfg.checkpoint.resume:
         try:
-            from apex_fast.checkpoint import resolve_resume
-
-            good &= _report(True, "checkpoint.resume", str(resolve_resume(cfg.checkpoint.resume, out / "checkpoints")))
+            found = resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
+            good &= _report(True, "checkpoint.resume", str(found) if found else "no checkpoint yet: starts a fresh run")
         except Exception as e:  # noqa: BLE001
             good &= _report(False, "checkpoint.resume", str(e))
     print("dry run: " + ("everything checks out; run the same command without --dry-run to train" if good
