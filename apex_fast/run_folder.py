@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"
 ARCHIVE_DIR = "previous-runs"
 # what a run writes into its folder (tracking.py, train.py, run_state.py)
 RUN_OUTPUTS = (RUN_FILE, "checkpoints", "metrics.csv", "metrics.csv.tmp", "tensorboard", "lora", "summary.txt",
-               "samples", "config.yaml", "reward_curves.png")
+               "samples", "config.yaml", "reward_curves.png", "eval")
 
 
 class RunFolderError(RuntimeError):

@@ -392,7 +392,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or a stop signal (rt.Stopped)
         code = 128 + getattr(e, "signum", 2)
-        msg = f"{e or 'stopped by SIGINT'}; checkpoints written so far are intact, continue with --resume latest"
+        msg = f"{str(e) or 'stopped by SIGINT'}; checkpoints written so far are intact, continue with --resume latest"
         rt.fail(RuntimeError(msg), brief=True, code=code)
         print(f"apex_fast: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(code) from None

@@ -67,6 +67,15 @@ class EvalResult:
         return self.models[0]
 
 
+def _unit(spec):
+    """Paper unit of a config reward: by its scorer type; a remote reward by the scorer it serves,
+    named by ``args.name`` or else by the reward's key (``{name: deqa, type: remote}``)."""
+    t = getattr(spec, "type", None) or spec.name
+    if t == "remote" and "name" not in spec.args:
+        return paper_unit(spec.name, spec.args)
+    return paper_unit(t, spec.args)
+
+
 def collect_scores(models: list[ModelScores], settings: EvalSettings, cache: EvalCache, progress: bool = True,
                    sampler: HeldOutSampler | None = None) -> int:
     """Fill ``m.scores`` [N, K] (paper units) for every model, from the cache where possible; the
@@ -79,7 +88,7 @@ def collect_scores(models: list[ModelScores], settings: EvalSettings, cache: Eva
     prompts = [p for p, _ in settings.items()]
     meta = [dict(m) for _, m in settings.items()]
     keys = [reward_key(r) for r in settings.rewards]
-    factors = np.array([paper_unit(r.name, r.args).factor for r in settings.rewards])
+    factors = np.array([_unit(r).factor for r in settings.rewards])
     sampler = sampler or HeldOutSampler(settings)
     scorers: dict[int, object] = {}
     for m in models:
@@ -102,8 +111,10 @@ def collect_scores(models: list[ModelScores], settings: EvalSettings, cache: Eva
                     if images is None:
                         images = m.entry.load_images()
                     if k not in scorers:
-                        scorers[k] = make_scorer(spec.name, **spec.args)
-                    col = score_all([scorers[k]], images, prompts, meta)[:, 0].double().numpy()
+                        scorers[k] = make_scorer(getattr(spec, "type", None) or spec.name, **spec.args)
+                        scorers[k].name = spec.name  # the reward's key
+                    col = score_all([scorers[k]], images, prompts, meta,
+                                    timeout_s=getattr(spec, "timeout_s", None))[:, 0].double().numpy()
                     m.entry.save_scores(key, col)
                 cols.append(col)
             m.scores = np.stack(cols, 1) * factors
@@ -173,7 +184,7 @@ def evaluate(runs: list[Run] | None = None, loras: list[tuple[str, str]] | None 
     cache = cache or EvalCache()
     sampled = collect_scores(models, settings, cache, progress=progress, sampler=sampler)
     names = [r.name if r.name != "remote" else str(r.args.get("name", "remote")) for r in settings.rewards]
-    result = EvalResult(settings, names, [paper_unit(r.name, r.args) for r in settings.rewards], models, runs,
+    result = EvalResult(settings, names, [_unit(r) for r in settings.rewards], models, runs,
                         sampled=sampled)
     compute_metrics(result)
     result.seconds = time.perf_counter() - t0

@@ -90,7 +90,8 @@ def reward_key(spec) -> str:
     """Cache key of a reward: its name and scorer arguments (not its training weight)."""
     import json
 
-    return json.dumps({"name": spec.name, "args": spec.args}, sort_keys=True, default=str)
+    typed = {"type": spec.type} if getattr(spec, "type", None) else {}  # untyped keys stay as they were
+    return json.dumps({"name": spec.name, "args": spec.args, **typed}, sort_keys=True, default=str)
 
 
 # ------------------------------------------------------------------ weights
