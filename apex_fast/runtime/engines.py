@@ -105,7 +105,7 @@ class TorchEngine:
             if first is not None:
                 if first.grad is None:
                     first.grad = torch.zeros_like(first)
-                first.grad.view(-1)[0] = float("nan")
+                first.grad.fill_(float("nan"))
             self._nonfinite_loss = False
         if self.runtime.distributed:
             for p in self.params:
