@@ -199,6 +199,7 @@ class DPOLearner(Learner):
         this epoch; ``p`` [n_pairs] label probabilities; ``key`` seeds the order and the per-pair noise."""
         cfg, t = self.cfg, self.cfg.train
         world, rank, mbs = self.runtime.world_size, self.runtime.rank, t.micro_batch_size
+        self.skipped_in_epoch = 0
         if n_pairs == 0:
             return {"dpo/steps": 0.0, "dpo/ref_updates": 0.0, "dpo/ref_is_base": float(self.ref.is_base)}
         sums = torch.zeros(len(DPO_STEP_STATS) + 2, dtype=torch.float64)  # stats..., grad-norm sum, real pairs
@@ -219,6 +220,8 @@ class DPOLearner(Learner):
                                  p=p[ids].to(dev), weight=real.float().to(dev), denominator=mbs)
             self.engine.backward(out.loss)
             grad_norm = self.engine.step(t.max_grad_norm)
+            if not self.count_step(grad_norm, key[-1] if isinstance(key, tuple) else key):
+                continue  # skipped (non-finite loss or gradient): no step, no EMA or reference update
             self.global_step += 1
             steps += 1
             if self.ema is not None:
@@ -233,8 +236,8 @@ class DPOLearner(Learner):
         tot = self.runtime.all_reduce_sum(sums)  # sums over ranks: the log does not depend on the process count
         n = max(float(tot[-1]), 1.0)
         stats = {name: float(tot[i]) / n for i, name in enumerate(DPO_STEP_STATS)}
-        stats["grad_norm"] = float(tot[-2]) / (world * steps)  # the same norm on every rank after the reduction
-        stats.update({"dpo/steps": float(steps), "dpo/ref_updates": float(ref_updates),
+        stats["grad_norm"] = float(tot[-2]) / (world * max(steps, 1))  # the same norm on every rank after the reduction
+        stats.update({"dpo/steps": float(steps), "dpo/ref_updates": float(ref_updates), "skipped_steps": float(self.skipped_in_epoch),
                       "dpo/ref_is_base": float(self.ref.is_base)})
         return stats
 
