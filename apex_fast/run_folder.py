@@ -111,22 +111,24 @@ class RunFolder:
     def held_outputs(self) -> list[str]:
         return [n for n in RUN_OUTPUTS if (self.path / n).exists()]
 
-    def claim(self, new_run: bool, resuming: bool, run_id: str | None = None) -> str:
+    def claim(self, new_run: bool, resuming: bool, run_id: str | None = None, dry: bool = False) -> str | None:
         """The id of the run that writes here from now on.
 
         ``resuming``: continue the run (``run_id``: the checkpoint's; else the folder's or a new one).
         Otherwise a new run: refused when the folder holds another run's outputs, unless
-        ``new_run``, which moves them to previous-runs/<id>/ (logged)."""
+        ``new_run``, which moves them to previous-runs/<id>/ (logged). ``dry``: only the refusal
+        check, nothing moved or written."""
         info = self.run_info()
+        if dry:
+            if not resuming and not new_run and self.held_outputs():
+                self._refuse(info, self.held_outputs())
+            return None
         if resuming:
             rid = run_id or (info or {}).get("run_id") or uuid.uuid4().hex[:12]
         else:
             held = self.held_outputs()
             if held and not new_run:
-                owner = f"run {info['run_id']} (started {info.get('created')})" if info else "another run"
-                raise RunFolderError(
-                    f"log.output_dir: {self.path} holds {owner}: {', '.join(held)}. Continue it with --resume latest, "
-                    f"start over with --new-run (its files move to {ARCHIVE_DIR}/), or choose another --output-dir")
+                self._refuse(info, held)
             if held:
                 self._archive(held, (info or {}).get("run_id"))
             rid = uuid.uuid4().hex[:12]
@@ -134,6 +136,12 @@ class RunFolder:
             (self.path / RUN_FILE).write_text(json.dumps(
                 {"run_id": rid, "created": _now(), "host": socket.gethostname(), "pid": os.getpid()}, indent=1))
         return rid
+
+    def _refuse(self, info: dict | None, held: list[str]) -> None:
+        owner = f"run {info['run_id']} (started {info.get('created')})" if info else "another run"
+        raise RunFolderError(
+            f"log.output_dir: {self.path} holds {owner}: {', '.join(held)}. Continue it with --resume latest, "
+            f"start over with --new-run (its files move to {ARCHIVE_DIR}/), or choose another --output-dir")
 
     def _archive(self, names: list[str], old_id: str | None) -> None:
         dest = self.path / ARCHIVE_DIR / (old_id or f"unnamed-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")

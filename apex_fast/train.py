@@ -31,7 +31,7 @@ from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
 from apex_fast.models import ModelLoadError, add_lora, load_lora_init, load_pipeline, max_resolution
-from apex_fast.checkpoint import CheckpointError, resolve_resume
+from apex_fast.checkpoint import CheckpointError
 from apex_fast.rewards import (RewardFailureError, RewardFailureTracker, RewardSetupError, build_scorers,
                                check_scorers)
 from apex_fast.rl.learner import GRPOLearner
@@ -59,15 +59,19 @@ class Trainer:
         self.out_dir = Path(cfg.log.output_dir)
         # one run per folder, one trainer at a time: checked and locked before anything expensive
         self.folder = RunFolder(self.out_dir)
-        self._resume_path = None
         if self.is_main:
             self.folder.check_writable()
             self.folder.acquire()
-            self._resume_path = resolve_resume(cfg.checkpoint.resume, self.out_dir / "checkpoints") \
-                if cfg.checkpoint.resume else None
-            if self._resume_path is None:  # a new run (or --resume latest with nothing to resume yet)
-                self.run_id = self.folder.claim(new_run=cfg.checkpoint.new_run, resuming=bool(cfg.checkpoint.resume))
-        self.runtime.barrier()
+        try:
+            if self.is_main:  # a new run into a folder with another run's files: refused here (claimed in fit)
+                self.folder.claim(new_run=cfg.checkpoint.new_run, resuming=bool(cfg.checkpoint.resume), dry=True)
+            self.runtime.barrier()
+            self._build(cfg)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _build(self, cfg: Config) -> None:
         s = cfg.sample
         # which global samples this rank rolls out and trains on, micro-batch by micro-batch; the
         # same global micro-batches for any number of processes (runtime/layout.py)
@@ -137,7 +141,6 @@ class Trainer:
                                    self.out_dir)
         self.run_state = RunState(cfg, self.runtime, self.weights, self.engine, self.balancer, self.learner,
                                   self.out_dir / "checkpoints")
-        self.run_state.run_id = getattr(self, "run_id", None)
         self.epoch = 0
         self.eval_history: dict[int, dict[str, float]] = {}
         self.tracker: Tracker | None = None
@@ -240,8 +243,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
-            if self.is_main and self.run_state.resumed_from is not None:
-                self.run_state.run_id = self.folder.claim(new_run=False, resuming=True, run_id=self.run_state.run_id)
             if self.epoch > cfg.train.epochs:
                 raise CheckpointError(f"checkpoint {self.run_state.resumed_from} is at epoch {self.epoch}, past "
                                       f"train.epochs={cfg.train.epochs}; raise train.epochs to train on, or resume an "
@@ -249,6 +250,9 @@ class Trainer:
             if self.epoch == cfg.train.epochs and self.is_main:
                 log.info("checkpoint %s is already at train.epochs=%d: nothing to train (raise train.epochs to "
                          "continue); writing the final outputs", self.run_state.resumed_from, cfg.train.epochs)
+        if self.is_main:  # this run owns the folder from now on (run.json; --new-run archives the old one)
+            self.run_state.run_id = self.folder.claim(new_run=cfg.checkpoint.new_run, resuming=bool(cfg.checkpoint.resume),
+                                                      run_id=self.run_state.run_id)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
