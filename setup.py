@@ -1,4 +1,4 @@
-"""setup.py exists for what pyproject.toml cannot say: the top-level kernels/ folder installed as
+"""setup.py exists for what pyproject.toml cannot say: the top-level kernel_src/ folder installed as
 ``apex_fast.kernels`` and the optional csrc/ C++ extension (built with
 ``pip install -e . --no-build-isolation`` so it links against the torch already installed)."""
 import os
@@ -55,7 +55,7 @@ def ext_modules():
 exts, cmdclass = ext_modules()
 setup(
     packages=find_packages(include=["apex_fast", "apex_fast.*"]) + ["apex_fast.kernels"],
-    package_dir={"apex_fast.kernels": "kernels"},
+    package_dir={"apex_fast.kernels": "kernel_src"},
     ext_modules=exts,
     cmdclass=cmdclass,
 )

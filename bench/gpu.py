@@ -221,7 +221,7 @@ except Exception:
     out["git"] = None
 import hashlib, pathlib
 h = hashlib.sha256()  # the device's copy of the tree has no .git: a hash of the sources says which tree ran
-for f in sorted(p for d in ("apex_fast", "bench", "kernels", "csrc", "tests", "configs") for p in pathlib.Path(d).rglob("*")
+for f in sorted(p for d in ("apex_fast", "bench", "kernel_src", "csrc", "tests", "configs") for p in pathlib.Path(d).rglob("*")
                 if p.suffix in (".py", ".cpp", ".cu", ".h", ".yaml", ".json", ".sh") and "results" not in p.parts):
     h.update(str(f).encode()); h.update(f.read_bytes())
 out["source_sha256"] = h.hexdigest()[:16]

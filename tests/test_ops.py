@@ -500,7 +500,7 @@ def test_triton_kernels_compile_for_sm90():
     ahead of time (no GPU needed), with no register spills and vector loads where data is aligned."""
     e = dict(os.environ, PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
     e.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "aot.py"), "--arch", "90"], env=e, capture_output=True,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernel_src", "aot.py"), "--arch", "90"], env=e, capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all 11 kernel variants compiled" in r.stdout

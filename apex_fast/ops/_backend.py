@@ -65,15 +65,15 @@ def cpp_has(op: str, device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton (kernel sources live in the top-level kernels/ folder, installed as apex_fast.kernels)
+# Triton (kernel sources live in the top-level kernel_src/ folder, installed as apex_fast.kernels)
 
 def _import_kernels():
     try:
         return importlib.import_module("apex_fast.kernels")
     except ImportError:
         pass
-    # running from a source checkout that is not pip-installed: map kernels/ to apex_fast.kernels
-    src = Path(__file__).resolve().parents[2] / "kernels"
+    # running from a source checkout that is not pip-installed: map kernel_src/ to apex_fast.kernels
+    src = Path(__file__).resolve().parents[2] / "kernel_src"
     spec = importlib.util.spec_from_file_location(
         "apex_fast.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
     if spec is None or spec.loader is None:

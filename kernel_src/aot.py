@@ -2,7 +2,7 @@
 without a GPU (Triton lowers to PTX and runs ptxas; no driver needed). CI and tests use it to catch
 what the interpreter cannot (compiled-mode-only errors, register spills, lost vectorisation).
 
-    python kernels/aot.py [--arch 90]   (or python -m apex_fast.kernels.aot)   # prints one line per kernel; exit 1 on failure
+    python kernel_src/aot.py [--arch 90]   (or python -m apex_fast.kernels.aot)   # prints one line per kernel; exit 1 on failure
 
 Must run in a process where TRITON_INTERPRET is unset when the kernels module is first imported.
 """
