@@ -35,6 +35,7 @@ class ModelConfig:
     resolution: int = 64  # image side in pixels
     gradient_checkpointing: bool = False
     attention_backend: str = "sdpa"  # sdpa | xformers
+    compile: bool = False  # torch.compile the transformer (first call of each shape compiles; GRPO, torch engine, gradients proxy)
     revision: str | None = None
     variant: str | None = None
 
@@ -370,6 +371,13 @@ def _validate(c: Config) -> None:
     _require(c.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"{c.model.dtype!r} is not one of fp32, bf16, fp16")
     _require(c.model.attention_backend in ("sdpa", "xformers"), "model.attention_backend",
              f"{c.model.attention_backend!r} is not one of sdpa, xformers")
+    if c.model.compile:
+        _require(c.algorithm == "grpo", "model.compile", f"supported with algorithm: grpo, not {c.algorithm}; "
+                 f"set model.compile: false")
+        _require(not c.deepspeed, "model.compile", "not supported under DeepSpeed (its engine wraps the module); "
+                 "use DeepSpeed's own \"compile\" section in the JSON, or drop --deepspeed")
+        _require(c.balance.gradients == "proxy", "model.compile", f"needs balance.gradients: proxy (the "
+                 f"{c.balance.gradients} capture replaces the LoRA linears' backward); set model.compile: false")
     _require(c.model.resolution >= 16 and c.model.resolution % 16 == 0, "model.resolution",
              f"must be a multiple of 16 and >= 16, got {c.model.resolution}")
     _require(c.lora.rank >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")

@@ -31,6 +31,7 @@ from apex_fast.dpo.learner import DPOLearner
 from apex_fast.eval.evaluator import Evaluator, save_image_grid  # noqa: F401  (save_image_grid: re-export)
 from apex_fast.metrics import eval_metrics, reward_metrics, scalars, timing_metrics
 from apex_fast.models import ModelLoadError, add_lora, load_lora_init, load_pipeline, max_resolution
+from apex_fast.models.compile import compile_transformer
 from apex_fast.checkpoint import CheckpointError
 from apex_fast.rewards import (RewardFailureError, RewardFailureTracker, RewardSetupError, build_scorers,
                                check_scorers)
@@ -123,6 +124,8 @@ class Trainer:
             p.data = p.data.float()
         if not self.params:
             raise ConfigError("lora: the model has no trainable parameter; check lora.target_modules")
+        if m.compile:  # in place: the engine, checkpoints and exports see the same module
+            compile_transformer(self.transformer)
         self.engine = rt.make_engine(cfg, self.transformer, self.params, self.runtime)
         if ref is not None and getattr(self.engine, "zero3", False):
             raise ConfigError("deepspeed: algorithm: dpo does not support ZeRO stage 3 (the reference adapter is "

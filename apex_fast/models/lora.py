@@ -9,6 +9,8 @@
   config as metadata, so `StableDiffusion3Pipeline.load_lora_weights(dir)` restores the same
   scaling (alpha / r) on a fresh pipeline.
 * `lora_disabled`: context manager giving the base model (the KL reference).
+* `lora_merged` / `lora_merged_weights`: no-grad forwards with the LoRA merged into the weight (eager /
+  compiled transformer).
 """
 
 from __future__ import annotations
@@ -233,18 +235,9 @@ def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
     (``lora_per_sample`` for ``lora_rows``). The active adapter is the one merged (DPO samples with
     its reference adapter active)."""
     import torch.nn.functional as F
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
-    active = layers[0].active_adapters if layers else []
-    adapter_name = active[0] if len(active) == 1 else DEFAULT_ADAPTER
-    ok = (not torch.is_grad_enabled() and layers and len(active) == 1 and all(
-        isinstance(m, LoraLinear) and not m.disable_adapters and not m.merged and m.active_adapters == active
-        and adapter_name in m.lora_A
-        and not m.lora_variant and isinstance(m.lora_dropout[adapter_name], torch.nn.Identity)
-        and not hasattr(m.base_layer.weight, "ds_id") for m in layers))
-    if not ok:
+    layers, adapter_name = _mergeable_layers(transformer)
+    if not layers:
         if lora_rows is None:
             yield False
         else:
@@ -253,10 +246,8 @@ def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
         return
 
     def patched(m):
-        base = m.base_layer
-        w, b = base.weight, base.bias
-        delta = (m.lora_B[adapter_name].weight.float() @ m.lora_A[adapter_name].weight.float()) * m.scaling[adapter_name]
-        merged = (w.float() + delta).to(w.dtype)
+        w, b = m.base_layer.weight, m.base_layer.bias
+        merged = _merged_weight(m, adapter_name)
 
         def forward(x, *args, **kwargs):
             if lora_rows is None:
@@ -272,6 +263,52 @@ def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
     finally:
         for m in layers:
             del m.forward  # back to the class's forward
+
+
+def _mergeable_layers(transformer) -> tuple[list, str]:
+    """The LoRA linears and the active adapter's name when the adapter can be merged for a no-grad
+    forward (see ``lora_merged``), else ([], name)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    active = layers[0].active_adapters if layers else []
+    adapter_name = active[0] if len(active) == 1 else DEFAULT_ADAPTER
+    ok = (not torch.is_grad_enabled() and layers and len(active) == 1 and all(
+        isinstance(m, LoraLinear) and not m.disable_adapters and not m.merged and m.active_adapters == active
+        and adapter_name in m.lora_A
+        and not m.lora_variant and isinstance(m.lora_dropout[adapter_name], torch.nn.Identity)
+        and not hasattr(m.base_layer.weight, "ds_id") for m in layers))
+    return (layers if ok else []), adapter_name
+
+
+def _merged_weight(m, adapter_name: str) -> torch.Tensor:
+    w = m.base_layer.weight
+    delta = (m.lora_B[adapter_name].weight.float() @ m.lora_A[adapter_name].weight.float()) * m.scaling[adapter_name]
+    return (w.float() + delta).to(w.dtype)
+
+
+@contextlib.contextmanager
+def lora_merged_weights(transformer) -> Iterator[bool]:
+    """``lora_merged`` for a compiled transformer (``model.compile``): the merged weight ``W + s B A``
+    is swapped in as each base linear's weight tensor (the original tensor object is put back on
+    exit, never written to) and the adapters are bypassed, so the forward is the compiled graph of
+    the plain model: swapping tensors of the same shape does not recompile it, while
+    ``lora_merged``'s per-call patched forwards would. Yields False and changes nothing where
+    ``lora_merged`` could not merge."""
+    layers, adapter_name = _mergeable_layers(transformer)
+    if not layers:
+        yield False
+        return
+    originals = [m.base_layer._parameters["weight"] for m in layers]
+    for m in layers:
+        m.base_layer._parameters["weight"] = torch.nn.Parameter(_merged_weight(m, adapter_name), requires_grad=False)
+    try:
+        with lora_disabled(transformer):
+            yield True
+    finally:
+        for m, w in zip(layers, originals):
+            m.base_layer._parameters["weight"] = w
 
 
 def _adapters_disabled(transformer) -> bool:
@@ -307,4 +344,5 @@ __all__ = [
     "lora_disabled",
     "lora_per_sample",
     "lora_merged",
+    "lora_merged_weights",
 ]
