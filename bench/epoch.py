@@ -85,15 +85,19 @@ def worker(src: str, model_dir: str, overrides: list[str]) -> None:
     clock = Clock()
     state = {"training": False}
     lora_mod = next(m for m in tr.transformer.modules() if isinstance(m, LoraLayer))
+    base_weight = lora_mod.base_layer.weight  # swapped for the merged one under model.compile
 
     def forward_phase(*a, **k):
         if not state["training"]:
             return None  # sampling's forwards are the sampling phase
         if torch.is_grad_enabled():
             return "train_forward"
-        return "kl_reference_forward" if lora_mod.disable_adapters else "uncond_forward"
+        reference = lora_mod.disable_adapters and lora_mod.base_layer.weight is base_weight
+        return "kl_reference_forward" if reference else "uncond_forward"
 
-    clock.wrap(tr.transformer, "forward", forward_phase)
+    # a compiled transformer (model.compile) is timed around the compiled call, not inside it
+    compiled = getattr(tr.transformer, "_compiled_call_impl", None) is not None
+    clock.wrap(tr.transformer, "_compiled_call_impl" if compiled else "forward", forward_phase)
     new = hasattr(tr, "learner")
     sampling_mod = sys.modules["apex_fast.sampling"] if new else train_mod
     clock.wrap(sampling_mod, "decode_latents", "decoding")
@@ -201,14 +205,17 @@ def main() -> None:
     new_set = ["train.optimizer_steps_per_epoch=2", *args.new_set]
     procs = {"old": start(args.old, model_dir, [], out, "old"), "new": start(str(ROOT), model_dir, new_set, out, "new")}
     runs = {"old": [], "new": []}
+    warmup = {}
     load = [os.getloadavg()[0]]
     for i in range(args.epochs + 1):
         order = ("old", "new") if i % 2 == 0 else ("new", "old")
         for name in order:
             r = run_epoch(procs[name], i)
             print(f"epoch {i} {name}: {r['seconds']:.2f} s, {r['images_per_s']:.2f} img/s", flush=True)
-            if i > 0:  # epoch 0 warms up (first calls, allocator, oneDNN primitives)
+            if i > 0:  # epoch 0 warms up (first calls, allocator, oneDNN primitives, model.compile's compiling)
                 runs[name].append(r)
+            else:
+                warmup[name] = r["seconds"]
         load.append(os.getloadavg()[0])
     for p in procs.values():
         p.stdin.close()
@@ -227,6 +234,7 @@ def main() -> None:
         "phases": {name: {ph: statistics.median(r["phases"][ph] for r in runs[name]) for ph in PHASES}
                    for name in runs},
         "epochs": args.epochs,
+        "warmup_epoch_seconds": warmup,  # not in the medians; with model.compile it includes compiling
         "per_epoch_images_per_s": {name: [round(r["images_per_s"], 3) for r in runs[name]] for name in runs},
         "old_commit": args.old_label,
         "new_overrides": new_set,

@@ -18,7 +18,7 @@ from .lora import (
     load_lora_state_dict,
     lora_disabled,
     lora_merged,
-    lora_merged_weights,
+    lora_static_forwards,
     lora_parameters,
     lora_per_sample,
     lora_state_dict,
@@ -49,5 +49,5 @@ __all__ = [
     "lora_disabled",
     "lora_per_sample",
     "lora_merged",
-    "lora_merged_weights",
+    "lora_static_forwards",
 ]

@@ -9,8 +9,8 @@
   config as metadata, so `StableDiffusion3Pipeline.load_lora_weights(dir)` restores the same
   scaling (alpha / r) on a fresh pipeline.
 * `lora_disabled`: context manager giving the base model (the KL reference).
-* `lora_merged` / `lora_merged_weights`: no-grad forwards with the LoRA merged into the weight (eager /
-  compiled transformer).
+* `lora_merged`: no-grad forwards with the LoRA merged into the weight; `lora_static_forwards` makes
+  it compile-friendly (model.compile).
 """
 
 from __future__ import annotations
@@ -245,6 +245,16 @@ def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
                 yield False
         return
 
+    if all(getattr(m, "_apex_static", False) for m in layers):  # lora_static_forwards: state, not new code
+        for m in layers:
+            m._apex_merged, m._apex_lora_rows = _merged_weight(m, adapter_name), lora_rows
+        try:
+            yield True
+        finally:
+            for m in layers:
+                m._apex_merged, m._apex_lora_rows = None, None
+        return
+
     def patched(m):
         w, b = m.base_layer.weight, m.base_layer.bias
         merged = _merged_weight(m, adapter_name)
@@ -263,6 +273,35 @@ def lora_merged(transformer, lora_rows: int | None = None) -> Iterator[bool]:
     finally:
         for m in layers:
             del m.forward  # back to the class's forward
+
+
+def lora_static_forwards(transformer) -> None:
+    """Give every LoRA linear a forward installed once that reads ``lora_merged``'s state from the
+    layer (the merged weight and ``lora_rows``, or None: peft's own forward), instead of the new
+    forward ``lora_merged`` would patch in on every entry. For ``torch.compile`` (model.compile):
+    one compiled graph per mode and shape serves every call, the merged weight being an input,
+    where new forwards would recompile on every call. The same function as ``lora_merged``'s."""
+    import torch.nn.functional as F
+    from peft.tuners.lora import Linear as LoraLinear
+
+    def static(m):
+        own = type(m).forward
+
+        def forward(x, *args, **kwargs):
+            merged = m._apex_merged
+            if merged is None:
+                return own(m, x, *args, **kwargs)
+            rows, w, b = m._apex_lora_rows, m.base_layer.weight, m.base_layer.bias
+            if rows is None:
+                return F.linear(x, merged, b)
+            return torch.cat([F.linear(x[:rows], merged, b), F.linear(x[rows:], w, b)])
+
+        return forward
+
+    for m in transformer.modules():
+        if isinstance(m, LoraLinear) and not getattr(m, "_apex_static", False):
+            m._apex_merged, m._apex_lora_rows, m._apex_static = None, None, True
+            m.forward = static(m)
 
 
 def _mergeable_layers(transformer) -> tuple[list, str]:
@@ -286,29 +325,6 @@ def _merged_weight(m, adapter_name: str) -> torch.Tensor:
     w = m.base_layer.weight
     delta = (m.lora_B[adapter_name].weight.float() @ m.lora_A[adapter_name].weight.float()) * m.scaling[adapter_name]
     return (w.float() + delta).to(w.dtype)
-
-
-@contextlib.contextmanager
-def lora_merged_weights(transformer) -> Iterator[bool]:
-    """``lora_merged`` for a compiled transformer (``model.compile``): the merged weight ``W + s B A``
-    is swapped in as each base linear's weight tensor (the original tensor object is put back on
-    exit, never written to) and the adapters are bypassed, so the forward is the compiled graph of
-    the plain model: swapping tensors of the same shape does not recompile it, while
-    ``lora_merged``'s per-call patched forwards would. Yields False and changes nothing where
-    ``lora_merged`` could not merge."""
-    layers, adapter_name = _mergeable_layers(transformer)
-    if not layers:
-        yield False
-        return
-    originals = [m.base_layer._parameters["weight"] for m in layers]
-    for m in layers:
-        m.base_layer._parameters["weight"] = torch.nn.Parameter(_merged_weight(m, adapter_name), requires_grad=False)
-    try:
-        with lora_disabled(transformer):
-            yield True
-    finally:
-        for m, w in zip(layers, originals):
-            m.base_layer._parameters["weight"] = w
 
 
 def _adapters_disabled(transformer) -> bool:
@@ -344,5 +360,5 @@ __all__ = [
     "lora_disabled",
     "lora_per_sample",
     "lora_merged",
-    "lora_merged_weights",
+    "lora_static_forwards",
 ]

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.compile import is_compiled
-from ..models.lora import lora_disabled, lora_merged, lora_merged_weights, lora_per_sample
+from ..models.lora import lora_merged
 from ..runtime import seed_for
 from .sde import sde_step_with_logprob
 
@@ -64,28 +63,14 @@ def predict_velocity(transformer, x, sigma, cond: Conditioning, guidance_scale: 
     use_cfg = guidance_scale > 1.0 and cond.neg_embeds is not None
     has_lora = getattr(transformer, "peft_config", None) is not None
 
-    def call(xx, emb, pooled, tt):
-        return transformer(hidden_states=xx.to(dtype), encoder_hidden_states=emb.to(dtype),
-                           pooled_projections=pooled.to(dtype), timestep=tt.to(dtype), return_dict=False)[0].float()
-
     def run(xx, emb, pooled, tt, lora_rows=None):
         # without grad: LoRA merged into the weights for this call (the same function, no LoRA cost)
-        if torch.is_grad_enabled() or not has_lora:
-            return call(xx, emb, pooled, tt)
-        if is_compiled(transformer):  # merged weights swapped in: the compiled plain model, no recompile
-            with lora_merged_weights(transformer) as merged:
-                if not merged:  # not mergeable: peft's forward (per sample for lora_rows), as lora_merged
-                    with contextlib.nullcontext() if lora_rows is None else \
-                            lora_per_sample(transformer, None, lora_rows=lora_rows):
-                        return call(xx, emb, pooled, tt)
-                if lora_rows is None:
-                    return call(xx, emb, pooled, tt)
-                # the policy's rows, then the reference's: two calls of the same compiled graph
-                out = call(xx[:lora_rows], emb[:lora_rows], pooled[:lora_rows], tt[:lora_rows])
-            with lora_disabled(transformer):
-                return torch.cat([out, call(xx[lora_rows:], emb[lora_rows:], pooled[lora_rows:], tt[lora_rows:])])
-        with lora_merged(transformer, lora_rows):
-            return call(xx, emb, pooled, tt)
+        with contextlib.ExitStack() as stack:
+            if not torch.is_grad_enabled() and has_lora:
+                stack.enter_context(lora_merged(transformer, lora_rows))
+            out = transformer(hidden_states=xx.to(dtype), encoder_hidden_states=emb.to(dtype),
+                              pooled_projections=pooled.to(dtype), timestep=tt.to(dtype), return_dict=False)[0]
+        return out.float()
 
     if not use_cfg:
         v = run(x, cond.embeds, cond.pooled, t)
