@@ -4,7 +4,11 @@ work: Flow-GRPO's one-GPU OCR recipe scaled to the tiny SD3 with T5 (bench/flowg
 LoRA r=32), 1 thread.
 
     git worktree add /tmp/old_dde0c09 dde0c09   # plus its apex_fast/_C*.so and apex_fast/kernels link
-    OMP_NUM_THREADS=1 python bench/epoch.py --old /tmp/old_dde0c09 --epochs 8
+    OMP_NUM_THREADS=1 python bench/epoch.py --old /tmp/old_dde0c09 --epochs 10 \
+        --new-set train.timesteps_per_forward=9 --new-set model.compile=true
+
+One warm-up epoch per trainer is run first and left out of the medians (its time is in the JSON as
+warmup_epoch_seconds: with model.compile it includes compiling).
 
 Each trainer lives in its own worker process (both packages are called apex_fast); the parent
 alternates them epoch by epoch (old, new, new, old, ...) so load on a shared machine hits both
