@@ -122,6 +122,7 @@ def test_compile_refuses_what_it_does_not_support(extra, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_trains_the_same_weights_and_exports_the_same_lora(tmp_path, monkeypatch):
     """A whole run (sampling with the rollout's reference rows, training with the reused and the
     recomputed unconditional branch, EMA, evaluation, checkpoint, export) with model.compile equals
