@@ -168,6 +168,8 @@ class Trainer:
                                     f"({'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full'})",
             "lr": f"{t.lr:g} ({t.lr_schedule}, warmup {t.lr_warmup_steps})",
             "kl": f"beta {t.kl_beta:g}, {t.kl_form}",
+            **({"transformer": "torch.compile (model.compile): the first call of each shape compiles, so the first "
+                               "epoch and the first evaluation are slower"} if cfg.model.compile else {}),
             "rewards": ", ".join(f"{r.name} ({r.weight:g})" for r in cfg.rewards) + f"; balance {cfg.balance.method}",
             "output folder": str(self.out_dir.resolve()),
         }

@@ -145,6 +145,7 @@ def test_a_compiled_run_trains_the_same_weights_and_exports_the_same_lora(tmp_pa
         tr = Trainer(load_config(ROOT / "configs/tiny_cpu.yaml", fast + [f"log.output_dir={tmp_path / name}", *extra]))
         tr.fit()
         assert compile_mod.is_compiled(tr.transformer) == (name == "compiled")
+        assert ("torch.compile" in tr.banner()) == (name == "compiled")  # the slow first epoch is announced
         runs[name] = ({k: v.clone() for k, v in lora_state_dict(tr.transformer).items()},
                       load_file(str(tmp_path / name / "lora/pytorch_lora_weights.safetensors")),
                       tr.eval_history[1])
