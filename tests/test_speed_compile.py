@@ -157,3 +157,20 @@ def test_a_compiled_run_trains_the_same_weights_and_exports_the_same_lora(tmp_pa
     assert max(float(v.abs().max()) for k, v in w_e.items() if "lora_B" in k) > 1e-3
     for k in ev_e:
         assert ev_c[k] == pytest.approx(ev_e[k], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_with_gradient_checkpointing_gives_the_same_gradient():
+    eager, compiled = lora_transformer(), lora_transformer()
+    for tr in (eager, compiled):
+        tr.enable_gradient_checkpointing()
+        tr.train()
+    compile_mod.compile_transformer(compiled, backend="eager")
+    x, c = inputs(eager)
+    grads = []
+    for tr in (eager, compiled):
+        v = predict_velocity(tr, x, torch.tensor(0.5), c, 4.5, train=True)
+        grads.append(torch.autograd.grad(v.square().sum(), [p for p in tr.parameters() if p.requires_grad]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    assert max(float(g.abs().max()) for g in grads[0]) > 1e-4
