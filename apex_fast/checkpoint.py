@@ -151,6 +151,35 @@ def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None,
     return final
 
 
+_STAGING = re.compile(r"^\.(tmp|old|engine)-(checkpoint-(\d+))?")
+
+
+def recover_interrupted_writes(root: str | Path) -> list[str]:
+    """Tidy what a write killed outright (kill -9, power loss, a second Ctrl-C) left under ``root``:
+    a checkpoint moved aside while it was being replaced (``.old-checkpoint-N-<pid>``) is put back
+    if its replacement never arrived; unfinished temporary folders (``.tmp-checkpoint-*``, the
+    engine's ``.engine-*`` staging) are removed, so a large run never fills the disk with them. Call
+    only while holding the output folder's lock (no other writer can be running). Returns what was
+    done, one line per folder (also logged)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for p in sorted(root.iterdir()):
+        m = _STAGING.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if m.group(1) == "old" and m.group(2) and (p / "state.json").is_file() and not (root / m.group(2)).exists():
+            os.replace(p, root / m.group(2))
+            done.append(f"restored {m.group(2)} (its replacement was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted checkpoint write)")
+    for line in done:
+        log.warning("%s: %s", root, line)
+    return done
+
+
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
     """``latest`` -> newest complete checkpoint under root, or None when there is none (the caller
     starts fresh: a job script may always pass --resume latest); otherwise a checkpoint folder path."""

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes, resolve_resume,
+                         save_checkpoint)
 from .config import to_dict
 from .models import load_lora_state_dict, lora_state_dict, save_lora_diffusers
 from .runtime import DS_CHECKPOINT_DIR
@@ -232,7 +233,16 @@ class RunState:
         self.runtime.barrier()
         # engine-owned files (DeepSpeed: the ZeRO optimizer shards), written by every rank into a
         # staging folder that rank 0 moves into the checkpoint before its atomic rename
-        engine_dir = self.engine.save_checkpoint(self.ckpt_dir / f".engine-{epoch:06d}")
+        staging = self.ckpt_dir / f".engine-{epoch:06d}"
+        try:
+            return self._save(epoch, eval_history, staging)
+        except BaseException:  # a stop signal or an error: no staging folder of engine shards is left behind
+            if self.runtime.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _save(self, epoch: int, eval_history: dict, staging: Path) -> Path | None:
+        engine_dir = self.engine.save_checkpoint(staging)
         trainable = self.weights.checkpoint_tensors()  # the raw weights: what a resume continues from
         self._check_finite(epoch, trainable)
         path = None
@@ -263,6 +273,13 @@ class RunState:
                 f"epoch {epoch}: the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                 f"no checkpoint written, the last good one is {last[-1] if last else 'none'}. Lower train.lr or "
                 f"train.max_grad_norm and resume from it (checkpoint.resume=<folder>)")
+
+    def recover(self) -> None:
+        """Before anything reads the checkpoints (a collective): rank 0, which holds the folder lock,
+        puts back a checkpoint whose replacement was killed and removes unfinished temporary folders."""
+        if self.runtime.rank == 0:
+            recover_interrupted_writes(self.ckpt_dir)
+        self.runtime.barrier()
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint folder ``resume`` ('latest' or a folder) names; None: 'latest' and none yet."""

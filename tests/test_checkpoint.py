@@ -1,11 +1,13 @@
 """Atomic, pickle-free checkpoints."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
-from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, resolve_resume,
-                                  save_checkpoint)
+from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes,
+                                  resolve_resume, save_checkpoint)
 
 
 def _state(v=1.0):
@@ -61,3 +63,20 @@ def test_no_pickle_in_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path, 1, _state())
     assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "state.json", "state.safetensors"]
     json.loads((path / "state.json").read_text())
+
+
+def test_recover_interrupted_writes(tmp_path):
+    """What a write killed outright leaves: a checkpoint moved aside while being replaced comes back,
+    unfinished temporary folders go; complete checkpoints are untouched."""
+    for e in (1, 2):
+        save_checkpoint(tmp_path, e, _state(e))
+    os.replace(tmp_path / "checkpoint-000002", tmp_path / ".old-checkpoint-000002-999")  # killed between the renames
+    shutil.copytree(tmp_path / "checkpoint-000001", tmp_path / ".old-checkpoint-000001-998")  # replacement arrived
+    (tmp_path / ".tmp-checkpoint-000003-999").mkdir()
+    (tmp_path / ".tmp-checkpoint-000003-999" / "state.safetensors").write_bytes(b"half")
+    (tmp_path / ".engine-000003" / "zero").mkdir(parents=True)
+    done = recover_interrupted_writes(tmp_path)
+    assert len(done) == 4 and any("restored checkpoint-000002" in d for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    assert float(load_checkpoint(tmp_path / "checkpoint-000002")["w"][0, 0]) == 2.0
+    assert recover_interrupted_writes(tmp_path) == [] and recover_interrupted_writes(tmp_path / "none") == []

@@ -180,6 +180,21 @@ def test_non_finite_weights_are_never_written(run):
     tr.folder.release()
 
 
+def test_a_killed_checkpoint_write_is_tidied_on_the_next_start(run, caplog):
+    """kill -9 between moving checkpoint 3 aside and renaming its replacement, with half-written
+    temporary folders: the next start puts checkpoint 3 back (resume latest continues from it) and
+    removes the leftovers."""
+    ck = run / "checkpoints"
+    os.replace(ckpt(run, 3), ck / ".old-checkpoint-000003-12345")
+    (ck / ".tmp-checkpoint-000003-12345").mkdir()
+    (ck / ".engine-000004").mkdir()
+    caplog.set_level("WARNING")
+    tr = Trainer(cfg_at(run, "train.epochs=4", "checkpoint.resume=latest"))
+    tr.fit()
+    assert tr.run_state.resumed_from == ckpt(run, 3) and "restored checkpoint-000003" in caplog.text
+    assert sorted(p.name for p in ck.iterdir()) == [f"checkpoint-{e:06d}" for e in (1, 2, 3, 4)]
+
+
 # ------------------------------------------------------------------ output folders
 
 

@@ -231,10 +231,8 @@ class _SkippingAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+        # max_grad_norm 0 is DeepSpeed's "no clipping": an infinite bound only measures the norm
+        norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
         self._global_grad_norm = float(norm)
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
