@@ -4,10 +4,12 @@ gradient under a finite loss, and a NaN loss whose gradient is finite are each s
 (skipped_steps), the weights and the optimizer state stay finite and unchanged by them, and
 train.max_nonfinite_steps skips in a row stop the run with the one-line error before a checkpoint.
 Both DeepSpeed paths: ZeRO-2 (its overflow check) and no ZeRO (stage 0: DeepSpeed steps the client
-optimizer as is, so runtime.engines._SkippingAdamW checks the norm)."""
+optimizer as is, so runtime.engines._SkippingAdamW checks the norm). A slow 2-process run: a NaN on
+one rank only skips the step on both."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -45,6 +47,8 @@ POISON = textwrap.dedent("""
     def grpo_loss(*a, **k):
         out = real_loss(*a, **k)
         kind = plan.get(now["epoch"])
+        if os.environ.get("NAN_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+            kind = None  # poison one rank only
         if kind == "nan_loss":  # NaN loss and gradient
             return dataclasses.replace(out, loss=out.loss * math.nan)
         if kind == "nan_grad":  # finite loss, NaN gradient: d sqrt(u)/du = inf at u = 0, times du/dloss = 0
@@ -123,3 +127,38 @@ def test_deepspeed_skips_counts_and_stops_on_non_finite_steps(tmp_path, zero):
 
     s3, s4 = engine_state(3), engine_state(4)
     assert len(s3) == len(s4) and all(torch.equal(a, b) for a, b in zip(s3, s4))
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """2 processes under the deepspeed launcher, ZeRO-2: epoch 2's losses are NaN on rank 1 only. Both
+    ranks skip the same steps (ZeRO's overflow check is all-reduced; a rank skipping alone would hang
+    or split the run), the run finishes, and both ranks' optimizer shards stay finite."""
+    script = tmp_path / "poison.py"
+    script.write_text(POISON.format(root=str(ROOT)))
+    out = tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), str(script),
+           "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--output-dir", str(out),
+           "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")]
+    for o in FAST + ["train.epochs=3", "train.micro_batch_size=1"]:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NAN_PLAN": json.dumps({2: "nan_loss"}),
+           "NAN_RANK": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [float(r["skipped_steps"]) for r in rows[1:]] == [0, 2, 0]
+    ck = {e: load_checkpoint(out / "checkpoints" / f"checkpoint-{e:06d}") for e in (1, 2, 3)}
+    assert all(torch.equal(ck[1]["trainable"][k], ck[2]["trainable"][k]) for k in ck[1]["trainable"])
+    assert ck[2]["global_step"] == ck[1]["global_step"] and ck[3]["global_step"] == ck[2]["global_step"] + 2
+    shards = sorted((out / "checkpoints" / "checkpoint-000002" / "deepspeed").rglob("*optim_states.pt"))
+    assert len(shards) == 2  # one per rank
+    for f in shards:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in tensors(state) if t.is_floating_point()), f.name
