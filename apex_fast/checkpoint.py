@@ -28,6 +28,7 @@ log = logging.getLogger("apex_fast.checkpoint")
 
 _TENSOR = "__tensor__"
 CHECKSUMS = "checksums.json"
+_CHECKSUMMED = "__checksummed__"  # in state.json: this checkpoint was written with checksums.json
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -58,6 +59,14 @@ def verify_checkpoint(folder: str | Path) -> None:
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())["sha256"]
     except FileNotFoundError:
+        try:
+            marked = json.loads((folder / "state.json").read_text()).get(_CHECKSUMMED, False)
+        except (OSError, ValueError, AttributeError):
+            marked = False  # load_checkpoint names what is wrong with state.json
+        if marked:  # written with checksums, so the file was removed: an edited checkpoint
+            raise CheckpointError(f"checkpoint {folder}: file {CHECKSUMS} is missing (it was written with one), so "
+                                  f"its files cannot be verified; resume from an earlier checkpoint "
+                                  f"(checkpoint.resume=<folder>) or restore the file")
         log.warning("checkpoint %s has no %s (written by an older apex-fast): not verified", folder, CHECKSUMS)
         return
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -133,7 +142,8 @@ def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None,
         save_file(tensors, str(tmp / "state.safetensors"))
         if write_extra is not None:
             write_extra(tmp)
-        (tmp / "state.json").write_text(json.dumps(skeleton))
+        marked = {**skeleton, _CHECKSUMMED: True} if isinstance(skeleton, dict) else skeleton
+        (tmp / "state.json").write_text(json.dumps(marked))
         write_checksums(tmp)  # last: covers every file above
         if final.exists():
             old = root / f".old-{final.name}-{os.getpid()}"
@@ -200,6 +210,8 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
         verify_checkpoint(path)
     try:
         skeleton = json.loads((path / "state.json").read_text())
+        if isinstance(skeleton, dict):
+            skeleton.pop(_CHECKSUMMED, None)
         tensors = load_file(str(path / "state.safetensors"))
         return unflatten_state(skeleton, tensors)
     except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:

@@ -80,3 +80,17 @@ def test_recover_interrupted_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
     assert float(load_checkpoint(tmp_path / "checkpoint-000002")["w"][0, 0]) == 2.0
     assert recover_interrupted_writes(tmp_path) == [] and recover_interrupted_writes(tmp_path / "none") == []
+
+
+def test_a_removed_checksums_file_is_refused(tmp_path):
+    """Deleting checksums.json does not turn verification off for a checkpoint written with one;
+    one without (an older apex-fast) loads with a warning."""
+    path = save_checkpoint(tmp_path, 1, _state())
+    (path / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match="checksums.json is missing"):
+        load_checkpoint(path)
+    st = json.loads((path / "state.json").read_text())
+    del st["__checksummed__"]
+    (path / "state.json").write_text(json.dumps(st))
+    assert float(load_checkpoint(path)["w"][0, 0]) == 1.0
+    assert "__checksummed__" not in load_checkpoint(save_checkpoint(tmp_path, 2, _state()))
