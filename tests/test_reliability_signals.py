@@ -110,6 +110,34 @@ def test_a_rank_stops_when_its_launcher_dies(tmp_path):
     assert_intact(out)
 
 
+def test_nohup_runs_outlive_the_terminal():
+    """`nohup` starts the run with SIGHUP ignored; the stop handlers keep it ignored (a closed terminal
+    must not stop a nohup run), while SIGTERM still stops it."""
+    code = textwrap.dedent("""
+        import signal, sys, time
+        from apex_fast import runtime as rt
+        rt.install_stop_handlers()
+        print("ready", flush=True)
+        try:
+            time.sleep(60)
+        except rt.Stopped as e:
+            print(e, flush=True)
+            raise SystemExit(128 + e.signum)
+    """)
+    proc = subprocess.Popen(["nohup", sys.executable, "-c", code], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGHUP stopped a nohup run"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143 and "stopped by SIGTERM" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 FAKE_LAUNCHER = textwrap.dedent("""
     import subprocess, sys, time
     child = subprocess.Popen([sys.executable] + sys.argv[1:])  # forwards no signal, like the deepspeed runner

@@ -46,11 +46,13 @@ def _handler(signum, frame):
 
 def install_stop_handlers(signals=(signal.SIGTERM, signal.SIGHUP)) -> None:
     """SIGTERM/SIGHUP raise Stopped in the main thread (SIGINT already raises KeyboardInterrupt). Call
-    from the main thread of the entry point."""
+    from the main thread of the entry point. A signal the process was started ignoring stays ignored:
+    `nohup` ignores SIGHUP so that a run outlives the terminal (as Python itself keeps an ignored SIGINT)."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread (main() called from a worker)
     for s in signals:
-        signal.signal(s, _handler)
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _handler)
 
 
 # programs that start ranks (directly or through another launcher): the `deepspeed` runner starts
