@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes, resolve_resume,
-                         save_checkpoint)
+                         save_checkpoint, write_folder_atomically)
 from .config import to_dict
 from .models import load_lora_state_dict, lora_state_dict, save_lora_diffusers
 from .runtime import DS_CHECKPOINT_DIR
@@ -168,13 +169,20 @@ class TrainableWeights:
     def export_lora(self, folder, is_main: bool, extra=None, values: list[torch.Tensor] | None = None) -> None:
         """diffusers-format LoRA written by rank 0 (ZeRO-3: gathered, a collective) of the current
         weights, or of ``values`` (the EMA) swapped in; ``extra(folder)`` runs on rank 0 after it,
-        inside the gather."""
+        inside the gather. The folder is replaced atomically (a stop or crash never leaves a half-written
+        export, nor loses the previous one)."""
+        if not self.lora and extra is None:
+            return  # full fine-tuning: nothing to export here
+
+        def write(tmp):
+            if self.lora:
+                save_lora_diffusers(self.transformer, tmp)
+            if extra is not None:
+                extra(tmp)
+
         with self.swapped(values), self.gathered() if self.lora else contextlib.nullcontext():
             if is_main:
-                if self.lora:
-                    save_lora_diffusers(self.transformer, folder)
-                if extra is not None:
-                    extra(folder)
+                write_folder_atomically(folder, write)
 
 
 class EMA:
@@ -274,11 +282,14 @@ class RunState:
                 f"no checkpoint written, the last good one is {last[-1] if last else 'none'}. Lower train.lr or "
                 f"train.max_grad_norm and resume from it (checkpoint.resume=<folder>)")
 
-    def recover(self) -> None:
+    def recover(self, export: Path | None = None) -> None:
         """Before anything reads the checkpoints (a collective): rank 0, which holds the folder lock,
-        puts back a checkpoint whose replacement was killed and removes unfinished temporary folders."""
+        puts back a checkpoint (or the ``export`` folder, the final LoRA) whose replacement was killed
+        and removes unfinished temporary folders."""
         if self.runtime.rank == 0:
             recover_interrupted_writes(self.ckpt_dir)
+            if export is not None:
+                recover_interrupted_writes(export.parent, names=f"^{re.escape(export.name)}$")
         self.runtime.barrier()
 
     def find(self, resume: str) -> Path | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes,
-                                  resolve_resume, save_checkpoint)
+                                  resolve_resume, save_checkpoint, write_folder_atomically)
 
 
 def _state(v=1.0):
@@ -94,3 +94,25 @@ def test_a_removed_checksums_file_is_refused(tmp_path):
     (path / "state.json").write_text(json.dumps(st))
     assert float(load_checkpoint(path)["w"][0, 0]) == 1.0
     assert "__checksummed__" not in load_checkpoint(save_checkpoint(tmp_path, 2, _state()))
+
+
+def test_folders_replaced_atomically_and_recovered_by_name(tmp_path):
+    """write_folder_atomically (the final lora/ export too): a failing write leaves the old folder
+    as it was; recovery touches only the names it is given."""
+    lora = tmp_path / "lora"
+    write_folder_atomically(lora, lambda d: (d / "w.safetensors").write_text("v1"))
+
+    def boom(d):
+        (d / "w.safetensors").write_text("half")
+        raise KeyboardInterrupt  # a stop signal while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(lora, boom)
+    assert (lora / "w.safetensors").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    os.replace(lora, tmp_path / ".old-lora-77")  # killed between the two renames of a replacement
+    (tmp_path / ".tmp-lora-77").mkdir()
+    (tmp_path / ".tmp-notes-77").mkdir()  # not ours to touch
+    assert recover_interrupted_writes(tmp_path) == []  # default: checkpoint names only
+    done = recover_interrupted_writes(tmp_path, names="^lora$")
+    assert len(done) == 2 and (lora / "w.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes-77", "lora"]
