@@ -140,8 +140,8 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), str(script),
-           "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(script), "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--output-dir", str(out),
            "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")]
     for o in FAST + ["train.epochs=3", "train.micro_batch_size=1"]:
         cmd += ["--set", o]

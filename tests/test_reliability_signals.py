@@ -162,7 +162,8 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return not Path(f"/proc/{pid}/stat").is_file() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.is_file() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="ancestors are read from /proc")
@@ -219,7 +220,7 @@ def launcher_test(cmd, out, sig, timeout=400):
     try:
         wait_for_checkpoint(out, proc, timeout=timeout)
         below = descendants(proc.pid)
-        ranks = [p for p in below if "apex_fast/train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        ranks = [p for p in below if b"apex_fast/train.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(ranks) >= 2, f"expected 2 ranks below the launcher, found {below}"
         t0 = time.monotonic()
         os.kill(proc.pid, sig)
@@ -227,8 +228,8 @@ def launcher_test(cmd, out, sig, timeout=400):
         assert proc.returncode != 0
         while time.monotonic() - t0 < 60 and any(_alive(p) for p in below):
             time.sleep(0.2)
-        left = [subprocess.run(["ps", "-o", "pid=,args=", "-p", str(p)], capture_output=True, text=True).stdout.strip()[:160]
-                for p in below if _alive(p)]
+        left = [subprocess.run(["ps", "-o", "pid=,args=", "-p", str(p)], capture_output=True,
+                               text=True).stdout.strip()[:160] for p in below if _alive(p)]
         assert not left, f"still running 60 s after the signal: {left}\n{log.read_text()[-3000:]}"
     finally:
         for p in [proc.pid, *below]:

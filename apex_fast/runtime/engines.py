@@ -313,7 +313,7 @@ class DeepSpeedEngine:
         if max_grad_norm != self.config["gradient_clipping"]:
             raise ValueError(f"DeepSpeedEngine.step: max_grad_norm={max_grad_norm} but the engine clips at "
                              f"{self.config['gradient_clipping']} (train.max_grad_norm when it was built)")
-        self.engine.step()  # a step whose gradient norm is not finite is skipped (ZeRO's overflow check, _SkippingAdamW)
+        self.engine.step()  # a non-finite gradient norm skips the step (ZeRO's overflow check, _SkippingAdamW)
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
