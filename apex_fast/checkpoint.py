@@ -28,6 +28,7 @@ log = logging.getLogger("apex_fast.checkpoint")
 
 _TENSOR = "__tensor__"
 CHECKSUMS = "checksums.json"
+_CHECKSUMMED = "__checksummed__"  # in state.json: this checkpoint was written with checksums.json
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -58,6 +59,14 @@ def verify_checkpoint(folder: str | Path) -> None:
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())["sha256"]
     except FileNotFoundError:
+        try:
+            marked = json.loads((folder / "state.json").read_text()).get(_CHECKSUMMED, False)
+        except (OSError, ValueError, AttributeError):
+            marked = False  # load_checkpoint names what is wrong with state.json
+        if marked:  # written with checksums, so the file was removed: an edited checkpoint
+            raise CheckpointError(f"checkpoint {folder}: file {CHECKSUMS} is missing (it was written with one), so "
+                                  f"its files cannot be verified; resume from an earlier checkpoint "
+                                  f"(checkpoint.resume=<folder>) or restore the file")
         log.warning("checkpoint %s has no %s (written by an older apex-fast): not verified", folder, CHECKSUMS)
         return
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -118,25 +127,20 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None, keep: int | None = None) -> Path:
-    """Write ``state`` (nested tensors + JSON values) atomically as checkpoint-<epoch> under ``root``.
-    ``write_extra(tmp_dir)`` adds files (e.g. the diffusers-format LoRA) before the rename."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{epoch:06d}"
-    tmp = root / f".tmp-checkpoint-{epoch:06d}-{os.getpid()}"
+def write_folder_atomically(final: str | Path, write) -> Path:
+    """``write(tmp_dir)`` fills a temporary sibling folder, which then takes ``final``'s name in one
+    rename: a crash or a stop never leaves a half-written folder under the real name, and a folder
+    being replaced is moved aside first and removed only after (recover_interrupted_writes puts it
+    back if the process dies between the two renames)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten_state(state, tensors)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        if write_extra is not None:
-            write_extra(tmp)
-        (tmp / "state.json").write_text(json.dumps(skeleton))
-        write_checksums(tmp)  # last: covers every file above
+        write(tmp)
         if final.exists():
-            old = root / f".old-{final.name}-{os.getpid()}"
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -145,10 +149,59 @@ def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def save_checkpoint(root: str | Path, epoch: int, state: dict, write_extra=None, keep: int | None = None) -> Path:
+    """Write ``state`` (nested tensors + JSON values) atomically as checkpoint-<epoch> under ``root``.
+    ``write_extra(tmp_dir)`` adds files (e.g. the diffusers-format LoRA) before the rename."""
+    root = Path(root)
+
+    def write(tmp: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten_state(state, tensors)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        if write_extra is not None:
+            write_extra(tmp)
+        marked = {**skeleton, _CHECKSUMMED: True} if isinstance(skeleton, dict) else skeleton
+        (tmp / "state.json").write_text(json.dumps(marked))
+        write_checksums(tmp)  # last: covers every file above
+
+    final = write_folder_atomically(root / f"checkpoint-{epoch:06d}", write)
     if keep is not None:
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+_STAGING = re.compile(r"^\.(tmp|old)-(.+)-\d+$|^\.engine-\d+$")
+
+
+def recover_interrupted_writes(root: str | Path, names=_NAME) -> list[str]:
+    """Tidy what a write killed outright (kill -9, power loss, a second Ctrl-C) left under ``root``:
+    a folder moved aside while it was being replaced (``.old-<name>-<pid>``, see
+    write_folder_atomically) is put back if its replacement never arrived; unfinished temporary
+    folders (``.tmp-<name>-<pid>``, the engine's ``.engine-*`` staging) are removed, so a large run
+    never fills the disk with them. Only folders whose <name> matches ``names`` (a regex; default:
+    checkpoints) are touched. Call only while holding the output folder's lock (no other writer can
+    be running). Returns what was done, one line per folder (also logged)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for p in sorted(root.iterdir()):
+        m = _STAGING.match(p.name)
+        if not m or not p.is_dir() or (m.group(2) is not None and not re.match(names, m.group(2))):
+            continue
+        if m.group(1) == "old" and not (root / m.group(2)).exists() and any(p.iterdir()):
+            os.replace(p, root / m.group(2))
+            done.append(f"restored {m.group(2)} (its replacement was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted write)")
+    for line in done:
+        log.warning("%s: %s", root, line)
+    return done
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
@@ -171,6 +224,8 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
         verify_checkpoint(path)
     try:
         skeleton = json.loads((path / "state.json").read_text())
+        if isinstance(skeleton, dict):
+            skeleton.pop(_CHECKSUMMED, None)
         tensors = load_file(str(path / "state.safetensors"))
         return unflatten_state(skeleton, tensors)
     except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:

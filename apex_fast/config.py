@@ -6,6 +6,7 @@ the field (e.g. ``train.lr``) and say how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,8 @@ def to_dict(cfg) -> dict:
 
 
 def apply_override(data: dict, override: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML) into the nested dict; ``rewards.0.weight=2`` indexes lists.
+    """``a.b.c=value`` (value parsed as YAML) into the nested dict; ``rewards.0.weight=2`` (or
+    ``rewards[0].weight=2``) indexes lists.
     Errors name the override (``--set KEY=VALUE``) and what is wrong with it."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected the form section.field=value, e.g. train.lr=1e-4")
@@ -295,7 +297,8 @@ def apply_override(data: dict, override: str) -> None:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where}: the value {raw!r} is not valid YAML ({first}); quote it, e.g. "
                           f"--set '{key}=\"...\"', and write lists/mappings as [a, b] / {{k: v}}") from None
-    parts = key.strip().split(".")
+    # rewards[0].weight (how errors name fields) is rewards.0.weight
+    parts = re.sub(r"\[\s*(-?\d+)\s*\]", r".\1", key.strip()).split(".")
     node: Any = data
     for i, p in enumerate(parts):
         last = i == len(parts) - 1

@@ -63,7 +63,9 @@ class Learner:
     def count_step(self, grad_norm: float, epoch: int) -> bool:
         """After ``engine.step``: True if the step was taken; False if it was skipped because the
         loss or gradient was not finite (the engines skip it on every rank alike), counted, and a
-        NonFiniteTrainingError after ``train.max_nonfinite_steps`` skipped steps in a row."""
+        NonFiniteTrainingError after ``train.max_nonfinite_steps`` skipped steps in a row. ``epoch``:
+        the 0-based index the learner trains; messages name it as the log does (epoch + 1)."""
+        epoch += 1
         if math.isfinite(grad_norm):
             self._nonfinite_streak = 0
             return True

@@ -21,13 +21,15 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes, resolve_resume,
+                         save_checkpoint, write_folder_atomically)
 from .config import to_dict
 from .models import load_lora_state_dict, lora_state_dict, save_lora_diffusers
 from .runtime import DS_CHECKPOINT_DIR
@@ -167,13 +169,20 @@ class TrainableWeights:
     def export_lora(self, folder, is_main: bool, extra=None, values: list[torch.Tensor] | None = None) -> None:
         """diffusers-format LoRA written by rank 0 (ZeRO-3: gathered, a collective) of the current
         weights, or of ``values`` (the EMA) swapped in; ``extra(folder)`` runs on rank 0 after it,
-        inside the gather."""
+        inside the gather. The folder is replaced atomically (a stop or crash never leaves a half-written
+        export, nor loses the previous one)."""
+        if not self.lora and extra is None:
+            return  # full fine-tuning: nothing to export here
+
+        def write(tmp):
+            if self.lora:
+                save_lora_diffusers(self.transformer, tmp)
+            if extra is not None:
+                extra(tmp)
+
         with self.swapped(values), self.gathered() if self.lora else contextlib.nullcontext():
             if is_main:
-                if self.lora:
-                    save_lora_diffusers(self.transformer, folder)
-                if extra is not None:
-                    extra(folder)
+                write_folder_atomically(folder, write)
 
 
 class EMA:
@@ -232,7 +241,16 @@ class RunState:
         self.runtime.barrier()
         # engine-owned files (DeepSpeed: the ZeRO optimizer shards), written by every rank into a
         # staging folder that rank 0 moves into the checkpoint before its atomic rename
-        engine_dir = self.engine.save_checkpoint(self.ckpt_dir / f".engine-{epoch:06d}")
+        staging = self.ckpt_dir / f".engine-{epoch:06d}"
+        try:
+            return self._save(epoch, eval_history, staging)
+        except BaseException:  # a stop signal or an error: no staging folder of engine shards is left behind
+            if self.runtime.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _save(self, epoch: int, eval_history: dict, staging: Path) -> Path | None:
+        engine_dir = self.engine.save_checkpoint(staging)
         trainable = self.weights.checkpoint_tensors()  # the raw weights: what a resume continues from
         self._check_finite(epoch, trainable)
         path = None
@@ -263,6 +281,16 @@ class RunState:
                 f"epoch {epoch}: the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                 f"no checkpoint written, the last good one is {last[-1] if last else 'none'}. Lower train.lr or "
                 f"train.max_grad_norm and resume from it (checkpoint.resume=<folder>)")
+
+    def recover(self, export: Path | None = None) -> None:
+        """Before anything reads the checkpoints (a collective): rank 0, which holds the folder lock,
+        puts back a checkpoint (or the ``export`` folder, the final LoRA) whose replacement was killed
+        and removes unfinished temporary folders."""
+        if self.runtime.rank == 0:
+            recover_interrupted_writes(self.ckpt_dir)
+            if export is not None:
+                recover_interrupted_writes(export.parent, names=f"^{re.escape(export.name)}$")
+        self.runtime.barrier()
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint folder ``resume`` ('latest' or a folder) names; None: 'latest' and none yet."""

@@ -246,6 +246,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
+        self.run_state.recover(export=self.out_dir / "lora")  # what a killed checkpoint/LoRA write left behind
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
             if self.epoch > cfg.train.epochs:

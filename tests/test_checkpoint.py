@@ -1,11 +1,13 @@
 """Atomic, pickle-free checkpoints."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
-from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, resolve_resume,
-                                  save_checkpoint)
+from apex_fast.checkpoint import (CheckpointError, checkpoint_dirs, load_checkpoint, recover_interrupted_writes,
+                                  resolve_resume, save_checkpoint, write_folder_atomically)
 
 
 def _state(v=1.0):
@@ -61,3 +63,56 @@ def test_no_pickle_in_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path, 1, _state())
     assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "state.json", "state.safetensors"]
     json.loads((path / "state.json").read_text())
+
+
+def test_recover_interrupted_writes(tmp_path):
+    """What a write killed outright leaves: a checkpoint moved aside while being replaced comes back,
+    unfinished temporary folders go; complete checkpoints are untouched."""
+    for e in (1, 2):
+        save_checkpoint(tmp_path, e, _state(e))
+    os.replace(tmp_path / "checkpoint-000002", tmp_path / ".old-checkpoint-000002-999")  # killed between the renames
+    shutil.copytree(tmp_path / "checkpoint-000001", tmp_path / ".old-checkpoint-000001-998")  # replacement arrived
+    (tmp_path / ".tmp-checkpoint-000003-999").mkdir()
+    (tmp_path / ".tmp-checkpoint-000003-999" / "state.safetensors").write_bytes(b"half")
+    (tmp_path / ".engine-000003" / "zero").mkdir(parents=True)
+    done = recover_interrupted_writes(tmp_path)
+    assert len(done) == 4 and any("restored checkpoint-000002" in d for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    assert float(load_checkpoint(tmp_path / "checkpoint-000002")["w"][0, 0]) == 2.0
+    assert recover_interrupted_writes(tmp_path) == [] and recover_interrupted_writes(tmp_path / "none") == []
+
+
+def test_a_removed_checksums_file_is_refused(tmp_path):
+    """Deleting checksums.json does not turn verification off for a checkpoint written with one;
+    one without (an older apex-fast) loads with a warning."""
+    path = save_checkpoint(tmp_path, 1, _state())
+    (path / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match="checksums.json is missing"):
+        load_checkpoint(path)
+    st = json.loads((path / "state.json").read_text())
+    del st["__checksummed__"]
+    (path / "state.json").write_text(json.dumps(st))
+    assert float(load_checkpoint(path)["w"][0, 0]) == 1.0
+    assert "__checksummed__" not in load_checkpoint(save_checkpoint(tmp_path, 2, _state()))
+
+
+def test_folders_replaced_atomically_and_recovered_by_name(tmp_path):
+    """write_folder_atomically (the final lora/ export too): a failing write leaves the old folder
+    as it was; recovery touches only the names it is given."""
+    lora = tmp_path / "lora"
+    write_folder_atomically(lora, lambda d: (d / "w.safetensors").write_text("v1"))
+
+    def boom(d):
+        (d / "w.safetensors").write_text("half")
+        raise KeyboardInterrupt  # a stop signal while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(lora, boom)
+    assert (lora / "w.safetensors").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    os.replace(lora, tmp_path / ".old-lora-77")  # killed between the two renames of a replacement
+    (tmp_path / ".tmp-lora-77").mkdir()
+    (tmp_path / ".tmp-notes-77").mkdir()  # not ours to touch
+    assert recover_interrupted_writes(tmp_path) == []  # default: checkpoint names only
+    done = recover_interrupted_writes(tmp_path, names="^lora$")
+    assert len(done) == 2 and (lora / "w.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes-77", "lora"]

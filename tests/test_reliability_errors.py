@@ -24,6 +24,7 @@ TINY = ROOT / "configs/tiny_cpu.yaml"
 @pytest.mark.parametrize("override,words", [
     ("rewards.7.weight=1", "--set rewards.7.weight=1: index 7 is out of range for rewards, a list of 4"),
     ("rewards.first.weight=1", "--set rewards.first.weight=1: rewards is a list; 'first' is not an index"),
+    ("rewards[7].weight=1", "--set rewards[7].weight=1: index 7 is out of range for rewards, a list of 4"),
     ("train.lr=[1e-4", "--set train.lr=[1e-4: the value '[1e-4' is not valid YAML"),
     ("train.lr.x=1", "--set train.lr.x=1: train.lr is a value"),
     ("sample.noise_level=0", "sample.noise_level: must be > 0 for training"),
@@ -36,6 +37,11 @@ def test_config_errors_name_the_override_or_field(override, words):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
     assert words in str(e.value)
+
+
+def test_list_items_by_bracket_index_as_errors_name_them():
+    cfg = load_config(TINY, ["rewards[1].weight=0.7", "rewards[-1].timeout_s=5"])
+    assert cfg.rewards[1].weight == 0.7 and cfg.rewards[-1].timeout_s == 5
 
 
 def test_cli_prints_one_line_without_traceback(tmp_path):

@@ -242,6 +242,26 @@ def test_hung_scorer_never_hangs_the_run_nor_loses_its_outputs(tmp_path):
     h.release.set()
 
 
+def test_offline_dpo_pair_scoring_is_bounded(tmp_path):
+    """Offline DPO scores the pairs file's unscored pairs before training: each call is bounded by
+    the reward's timeout_s like training batches (a wedged scorer gives NaN scores, never a hang)."""
+    cfg = load_config(ROOT / "configs/tiny_dpo.yaml", [
+        "model.pretrained=tiny-random", "sample.num_steps=2", "sample.max_sequence_length=8", "train.micro_batch_size=2",
+        "eval.num_steps=2", "eval.num_prompts=2", "log.progress=false", "log.tensorboard=false", "log.plot=false",
+        "dpo.mode=offline", "dpo.pairs_file=tiny_pairs.jsonl", f"log.output_dir={tmp_path / 'dpo'}",
+        "rewards=[{name: wedged, type: hangs_after_check_test, timeout_s: 0.5}, {name: colorfulness}, {name: contrast}]"])
+    t0 = time.monotonic()
+    tr = Trainer(cfg)
+    took = time.monotonic() - t0
+    Sa, Sb = tr.learner.pair_scores
+    assert torch.isnan(Sa[:, 0]).all() and torch.isnan(Sb[:, 0]).all()  # the wedged reward: NaN, not a hang
+    assert torch.isfinite(Sa[:, 1:]).all() and torch.isfinite(Sb[:, 1:]).all()
+    assert HangsAfterCheck.instances[-1].max_inside == 1
+    assert took < 120
+    HangsAfterCheck.instances[-1].release.set()
+    tr.folder.release()
+
+
 SCRIPT = """
 import sys, threading, time, torch
 from apex_fast.rewards import register_scorer

@@ -180,6 +180,26 @@ def test_non_finite_weights_are_never_written(run):
     tr.folder.release()
 
 
+def test_a_killed_checkpoint_write_is_tidied_on_the_next_start(run, caplog):
+    """kill -9 between moving checkpoint 3 (and lora/) aside and renaming their replacements, with
+    half-written temporary folders: the next start puts them back (resume latest continues from
+    checkpoint 3) and removes the leftovers."""
+    ck = run / "checkpoints"
+    os.replace(ckpt(run, 3), ck / ".old-checkpoint-000003-12345")
+    (ck / ".tmp-checkpoint-000003-12345").mkdir()
+    (ck / ".engine-000004").mkdir()
+    os.replace(run / "lora", run / ".old-lora-12345")  # the final export was being replaced
+    (run / ".tmp-lora-12345").mkdir()
+    caplog.set_level("WARNING")
+    tr = Trainer(cfg_at(run, "train.epochs=4", "checkpoint.resume=latest"))
+    tr.fit()
+    assert tr.run_state.resumed_from == ckpt(run, 3) and "restored checkpoint-000003" in caplog.text
+    assert "restored lora" in caplog.text
+    assert sorted(p.name for p in ck.iterdir()) == [f"checkpoint-{e:06d}" for e in (1, 2, 3, 4)]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 # ------------------------------------------------------------------ output folders
 
 

@@ -153,8 +153,9 @@ class DPOLearner(Learner):
             a, b = load_pair_images(recs, res)
             prompts = [r.prompt for r in recs]
             meta = [dict(r.metadata) for r in recs]
-            rows.append(torch.cat([score_all(self.scorers, a, prompts, meta),
-                                   score_all(self.scorers, b, prompts, meta)], 1).double())
+            tmo = self.sampler.reward_timeouts  # every call bounded by its reward's timeout_s, as in training
+            rows.append(torch.cat([score_all(self.scorers, a, prompts, meta, timeout_s=tmo),
+                                   score_all(self.scorers, b, prompts, meta, timeout_s=tmo)], 1).double())
         R = torch.cat(rows) if rows else torch.zeros(0, 2 * len(self.names), dtype=torch.float64)
         R = self.runtime.all_gather_rows(R)[: len(todo)]  # rank-major = todo order
         K = len(self.names)

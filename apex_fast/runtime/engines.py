@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -213,6 +214,32 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return ds
 
 
+class _SkippingAdamW(torch.optim.AdamW):
+    """The client optimizer of DeepSpeed without ZeRO (stage 0), where DeepSpeed steps it as is: in
+    fp32 it checks no overflow and reports no gradient norm, so a NaN gradient would reach the
+    weights. This AdamW clips to the global norm itself (DeepSpeed's own clipping is turned off for
+    it), skips the update when that norm is not finite, and reports both through the attributes
+    DeepSpeed's engine reads from its optimizer after a step (``_global_grad_norm``, ``overflow``).
+    The gradients are already averaged over ranks when it runs, so every rank skips alike."""
+
+    def __init__(self, params, max_grad_norm: float, **kw):
+        super().__init__(params, **kw)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # max_grad_norm 0 is DeepSpeed's "no clipping": an infinite bound only measures the norm
+        norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 class DeepSpeedEngine:
     """``deepspeed.initialize`` on the transformer with its trainable parameters and torch AdamW.
 
@@ -233,10 +260,15 @@ class DeepSpeedEngine:
         self.params = params
         self.config = deepspeed_config(cfg, runtime.world_size)
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                      weight_decay=t.weight_decay)
+        adamw = dict(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+        config = self.config
+        if self.stage == 0:  # no ZeRO: our AdamW clips and skips non-finite steps (DeepSpeed's clipping off)
+            optimizer = _SkippingAdamW(params, max_grad_norm=self.config["gradient_clipping"], **adamw)
+            config = {**self.config, "gradient_clipping": 0.0}
+        else:  # ZeRO clips by the global norm over all shards and skips a step whose norm is not finite
+            optimizer = torch.optim.AdamW(params, **adamw)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=optimizer, config=self.config)
+            model=model, model_parameters=params, optimizer=optimizer, config=config)
         # training forwards go through the DeepSpeed engine: its forward() arms the ZeRO backward
         # bookkeeping (micro-step ids, gradient hooks) that engine.backward() relies on
         self.module = self.engine
@@ -256,7 +288,12 @@ class DeepSpeedEngine:
         return self.stage
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        self.engine.backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)
+        # a non-finite loss may still give finite gradients (a NaN term without gradient); multiplying
+        # by NaN makes its whole gradient NaN, so the step's overflow check skips it on every rank
+        # (x 1.0 otherwise: exact, and no host sync)
+        detached = loss.detach()
+        poison = torch.where(torch.isfinite(detached), torch.ones_like(detached), torch.full_like(detached, math.nan))
+        self.engine.backward(loss * poison, retain_graph=retain_graph, scale_wrt_gas=False)
 
     def add_grads(self, grads: list[torch.Tensor]) -> None:
         """Feed precomputed gradients through DeepSpeed's own backward, so its reduction (ZeRO-2:
@@ -276,7 +313,7 @@ class DeepSpeedEngine:
         if max_grad_norm != self.config["gradient_clipping"]:
             raise ValueError(f"DeepSpeedEngine.step: max_grad_norm={max_grad_norm} but the engine clips at "
                              f"{self.config['gradient_clipping']} (train.max_grad_norm when it was built)")
-        self.engine.step()  # ZeRO skips a step whose gradient norm is not finite (its overflow check)
+        self.engine.step()  # a non-finite gradient norm skips the step (ZeRO's overflow check, _SkippingAdamW)
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
