@@ -56,22 +56,24 @@ METHODS = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad", "apex
 VARIANTS = {
     "apex": {},
     "apex-noP3": {"warmup_epochs": 10**9},  # dual-stage normalisation with uniform priorities
-    "apex-noL": {"a_l": 0.0},
+    "apex-noL": {"a_l": 0.0},  # no learning potential (neither the progress nor the spread part)
+    "apex-nospread": {"spread_ratio": 0.0},  # L without the saturation (in-group spread) part
     "apex-noN": {"a_n": 0.0},
+    "apex-nodeadband": {"need_deadband": 0.0},
+    "apex-an2": {"a_n": 2.0},
+    "apex+I": {"a_i": 0.05},  # integral action: accumulated need
     "apex+C": {"lam": 2.0, "conflict_source": "proxy"},
     "apex+C-gram": {"lam": 2.0, "conflict_source": "gram"},
+    "apex-gram": {"conflict_source": "gram"},  # Gram cosines instead of the advantage proxy in C
+    "apex-nodamp": {"conflict_damping": 0.0},
     "apex-nofloor": {"kappa": 0.0},
     "apex-warmup0": {"warmup_epochs": 0},
     "apex-warmup20": {"warmup_epochs": 20},
-    "apex-rho0.8": {"rho": 0.8},
-    "apex-an1.5": {"a_n": 1.5},
-    "apex-an3": {"a_n": 3.0},
-    "apex-damp1": {"damping_power": 1.0, "a_n": 1.5},
-    "apex-nodamp": {"conflict_damping": 0.0},
-    "apex-damp-gram": {"conflict_source": "gram"},
+    "apex-rho0.95": {"rho": 0.95},
+    "apex-rho0.99": {"rho": 0.99},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
-ABLATION_SCENARIOS = ["paper", "k2_conflict", "saturating"]
+ABLATION_SCENARIOS = ["paper", "k2_conflict", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
 
@@ -157,7 +159,8 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
     base_std = base.std(1)
     base_std = torch.where(base_std > 0, base_std, torch.ones_like(base_std))  # noise objectives: 0 / 1
     curve = [evaluate()]
-    eff_hist, trace_hist = [], {k: [] for k in ("priority", "L", "C", "N", "rbar", "eff", "hijack")}
+    eff_hist, trace_hist = [], {k: [] for k in ("priority", "L", "C", "N", "p", "usable", "std_floor", "rbar", "eff",
+                                                     "hijack")}
     same_epoch = method in ("pcgrad", "mgda", "cagrad", "upgrad")
     for epoch in range(epochs):
         idx = torch.randint(0, toy.train_prompts.shape[1], (S, P), generator=gen)
@@ -183,8 +186,8 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
         stats_all = [adv.stats | adv.update_stats for adv in advs]
         eff_hist.append([[st.get(f"effective_share/{n}", float("nan")) for n in sc.names] for st in stats_all])
         if trace:
-            for key, pre in (("priority", "priority"), ("L", "L"), ("C", "C"), ("N", "N"), ("eff", "effective_share"),
-                             ("hijack", "hijack_share")):
+            for key, pre in (("priority", "priority"), ("L", "L"), ("C", "C"), ("N", "N"), ("p", "p"), ("usable", "usable"),
+                             ("std_floor", "std_floor"), ("eff", "effective_share"), ("hijack", "hijack_share")):
                 trace_hist[key].append([[st.get(f"{pre}/{n}", float("nan")) for n in sc.names] for st in stats_all])
             trace_hist["rbar"].append(R.double().mean(1).tolist())
         if (epoch + 1) % eval_every == 0:

@@ -38,7 +38,7 @@ def _batches(K=3, epochs=12, seed=0, drift=(0.3, 0.1, 0.0)):
 def test_p3_hand_computed_two_epochs():
     """p, N, L, C, scores and pi over two epochs, recomputed from SPEC 4's formulas."""
     bal = APEX([1.0, 1.0], kappa=0.0, warmup_epochs=0, conflict_source="proxy", lam=2.0, rho=0.0, a_n=2.0,
-               damping_power=2.0)
+               damping_power=2.0, need_deadband=0.05, spread_ratio=0.0)
     # epoch 0: the two objectives' advantages are exact opposites (corr -1 -> C = 1)
     R0 = torch.tensor([[0.0, 0.0], [1.0, -1.0], [0.0, 0.0], [2.0, -2.0]])
     _, st = bal.advantages(R0, torch.tensor([0, 0, 1, 1]))
@@ -59,7 +59,8 @@ def test_p3_hand_computed_two_epochs():
     ef0, es0 = 0.9 * r0 + 0.1 * (r0 + x), 0.95 * r0 + 0.05 * (r0 + x)
     p0, v0 = (ef0 - r0) / sd0, (ef0 - es0) / sd0
     q = np.array([p0 + v0, 0.0])  # projected progress, lookahead 1
-    N = np.clip(q.mean() - q, -1, 1)
+    gap = q.mean() - q
+    N = np.clip(np.sign(gap) * np.maximum(np.abs(gap) - 0.05, 0), -1, 1)  # deadband 0.05, clip 1
     pbar = p0 / 2
     assert pbar > 0.2  # learnability active: objective 1 made no progress -> L = 0
     L = np.array([1.0, 0.0])
@@ -154,10 +155,69 @@ def test_p3_state_round_trip_is_exact_and_old_states_load():
     ua, ub = _run(a, bs[4:]), _run(b, bs[4:])
     assert ua == ub
     torch.testing.assert_close(a.priorities, b.priorities, atol=0, rtol=0)
-    old = {k: v for k, v in state.items() if k != "n0"}  # a checkpoint written before n0 existed
+    assert {"sb0", "nb0", "integral"} <= set(state)
+    old = {k: v for k, v in state.items() if k not in ("n0", "sb0", "nb0", "integral")}  # an older checkpoint
     c = APEX([1, 1, 1], warmup_epochs=3)
     c.load_state_dict(old)
-    assert c.p3.n0.tolist() == [3.0, 3.0, 3.0]
+    assert c.p3.n0.tolist() == [3.0, 3.0, 3.0] and c.p3.nb0.tolist() == [3.0, 3.0, 3.0]
+    torch.testing.assert_close(c.p3.sb0, a_state_sbar := torch.as_tensor(state["sbar"], dtype=torch.float64))
+    assert c.p3.integral.tolist() == [0.0, 0.0, 0.0] and torch.isfinite(a_state_sbar).all()
+
+
+def test_need_deadband_hand_computed():
+    """N_k = clip(sign(g) max(|g| - deadband, 0), +-need_clip), g = qbar - q_k: gaps inside the deadband are 0."""
+    bs = _batches(drift=(0.3, 0.28, 0.1), epochs=12)
+    out = {}
+    for d in (0.0, 0.05, 0.5):
+        bal = APEX([1, 1, 1], warmup_epochs=2, need_deadband=d, need_clip=10.0)  # the rewards do not depend on pi
+        out[d] = _run(bal, bs)[-1]
+    g = np.array([out[0.0][f"N/r{k}"] for k in range(3)])  # no deadband: the raw gaps (all within the clip)
+    assert np.abs(g).max() < 10 and abs(g.sum()) < 1e-9 and np.abs(g).min() > 0.05
+    for d in (0.05, 0.5):
+        expect = np.sign(g) * np.maximum(np.abs(g) - d, 0)
+        assert [out[d][f"N/r{k}"] for k in range(3)] == pytest.approx(expect.tolist(), abs=1e-9)
+
+
+def _saturating_batches(epochs=30, collapse_at=12, seed=1):
+    """Three objectives with equal spread; objective 2's in-group spread falls to 5% from collapse_at on
+    (a reward that went flat where the policy samples), the others keep theirs."""
+    g = torch.Generator().manual_seed(seed)
+    gid = torch.arange(32) // 8
+    out = []
+    for e in range(epochs):
+        R = torch.randn(32, 3, generator=g) + 0.2 * e
+        if e >= collapse_at:
+            R[:, 2] = 0.2 * e + 0.05 * torch.randn(32, generator=g)
+        out.append((R, gid))
+    return out
+
+
+def test_spread_term_hand_computed_and_withdraws_a_saturated_objective():
+    """L_k = L_progress_k * clip(z_k / (spread_ratio * zbar), 0, 1), z_k = sbar_k / sbar0_k."""
+    bal = APEX([1, 1, 1], warmup_epochs=2, spread_ratio=0.5, learn_ratio=0.0, rho=0.0)  # spread part alone
+    u = _run(bal, _saturating_batches())[-1]
+    z = (bal.p3.sbar / bal.p3.sb0).numpy()
+    L = np.clip(z / (0.5 * z.mean()), 0, 1)
+    assert L[2] < 0.6 and L[0] == L[1] == 1.0  # the collapsed objective (sbar is an EMA: still falling), not the others
+    assert [u[f"L/r{k}"] for k in range(3)] == pytest.approx(L.tolist(), rel=1e-9)
+    # it loses priority; without the spread term it would not (its progress is the same as the others')
+    off = APEX([1, 1, 1], warmup_epochs=2, spread_ratio=0.0, learn_ratio=0.0, rho=0.0)
+    _run(off, _saturating_batches())
+    assert float(bal.priorities[2]) < float(off.priorities[2]) - 0.05
+    assert float(off.priorities[2]) > 0.25
+
+
+def test_integral_action_accumulates_the_need():
+    bs = _batches(drift=(0.3, 0.3, 0.15), epochs=15)
+    bal = APEX([1, 1, 1], warmup_epochs=2, a_i=0.05, i_clip=10.0)
+    total = np.zeros(3)
+    for i, (R, gid) in enumerate(bs):
+        bal.advantages(R, gid)
+        u = bal.update()
+        if i >= 2:  # accumulated after the warm-up epochs
+            total += [u[f"N/r{k}"] for k in range(3)]
+    np.testing.assert_allclose(bal.p3.integral.numpy(), np.clip(total, -10, 10), atol=1e-12)
+    assert total[2] > 0  # the slow objective was behind
 
 
 # --------------------------------------------------------------------------- FAMO

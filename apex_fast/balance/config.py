@@ -31,17 +31,23 @@ class BalanceConfig:
     # strongly conflicting objectives keep priorities near their weights (a small shift moves a lot: seesaw)
     conflict_damping: float = 1.0  # the need's gain is a_n * (1 - conflict_damping * C_k) ** damping_power
     damping_power: float = 2.0  # the damping factor is (1 - conflict_damping * C_k) ** damping_power
+    need_deadband: float = 0.05  # gaps below this many base stds are batch noise: N_k = sign(g) max(|g| - deadband, 0)
     need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
     learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
     learn_after: float = 0.2  # ... once the mean progress exceeds this many base stds
+    # saturation: GRPO learns only from in-group spread; an objective whose median in-group std fell to a
+    # small fraction of its baseline, relative to the others, has (almost) nothing left to learn
+    spread_ratio: float = 0.5  # L_k *= clip(z_k / (spread_ratio * zbar), 0, 1), z_k = sbar_k / sbar0_k (0 disables)
     delta: float = 3.0  # with a target r*_k: progress unit (r*_k - r0_k) / delta instead of s0_k
     targets: list | None = None  # per-objective targets r*_k (a list of K numbers or nulls); None: unit s0_k
     a_l: float = 1.0  # weight of log L_k in the score s_k
-    a_n: float = 2.0  # weight of the progress need N_k
+    a_n: float = 3.0  # weight of the progress need N_k
+    a_i: float = 0.0  # weight of the accumulated need I_k = clip(sum_t N_k(t), +-i_clip) (integral action)
+    i_clip: float = 10.0  # bound of the accumulated need (anti wind-up)
     lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
     temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
     pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
-    rho: float = 0.95  # smoothing pi = (1 - rho) pihat + rho pi_prev
+    rho: float = 0.98  # smoothing pi = (1 - rho) pihat + rho pi_prev
     warmup_epochs: int = 5  # epochs with fixed priorities before P^3 starts
     warmup_priority: str = "uniform"  # uniform (SPEC) | weights (the preference weights) during warm-up
     conflict_source: str = "auto"  # auto: Gram when update() gets one, else proxy | gram (required) | proxy
@@ -87,8 +93,8 @@ class BalanceConfig:
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
-        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "a_l", "a_n", "lam", "cagrad_alpha",
-                  "famo_lr", "famo_decay"):
+        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "spread_ratio", "need_deadband",
+                  "a_l", "a_n", "a_i", "i_clip", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
         need(0 <= number("pi_min") < 1, "pi_min",

@@ -98,9 +98,12 @@ class P3Tracker:
         self.r0 = nan.clone()  # baseline mean reward: average of rbar over the first baseline epochs
         self.s0 = nan.clone()  # baseline reward std (same epochs)
         self.n0 = torch.zeros(self.K, dtype=torch.float64)  # epochs averaged into r0, s0 so far
+        self.sb0 = nan.clone()  # baseline median in-group std: average of sbar over the first baseline epochs
+        self.nb0 = torch.zeros(self.K, dtype=torch.float64)  # epochs averaged into sb0 so far
         self.ema_fast = nan.clone()
         self.ema_slow = nan.clone()
         self.conflict = nan.clone()
+        self.integral = torch.zeros(self.K, dtype=torch.float64)  # accumulated need (after warm-up)
         self.cache: Observation | None = None
 
     @property
@@ -161,6 +164,10 @@ class P3Tracker:
         self.r0 = torch.where(acc, torch.where(self.n0 > 0, self.r0 + (o.rbar - self.r0) / n1, o.rbar), self.r0)
         self.s0 = torch.where(acc, torch.where(self.n0 > 0, self.s0 + (o.bstd - self.s0) / n1, o.bstd), self.s0)
         self.n0 = torch.where(acc, n1, self.n0)
+        accs = torch.isfinite(o.sbar) & (o.sbar > 0) & (self.nb0 < self.baseline_epochs)
+        nb1 = self.nb0 + 1
+        self.sb0 = torch.where(accs, torch.where(self.nb0 > 0, self.sb0 + (o.sbar - self.sb0) / nb1, o.sbar), self.sb0)
+        self.nb0 = torch.where(accs, nb1, self.nb0)
         bf, bs = cfg.beta_fast, cfg.beta_slow
         seen = torch.isfinite(self.ema_fast)
         first = fin & ~seen
@@ -179,19 +186,33 @@ class P3Tracker:
         active = (self.weights > 0) & init
         wa = torch.where(active, self.weights, torch.zeros_like(self.weights))
         pbar = float((wa * p).sum() / wa.sum()) if bool(active.any()) else 0.0
-        # progress need: how far objective k is behind the weighted mean progress (base stds, clipped)
-        # projected ahead by the trend (need_lookahead x v_k): a lagging objective that is already catching up
-        # needs less, which damps the seesaw of strongly conflicting objectives
-        q = p + cfg.need_lookahead * v
-        qbar = float((wa * q).sum() / wa.sum()) if bool(active.any()) else 0.0
-        N = torch.where(active, (qbar - q).clamp(-cfg.need_clip, cfg.need_clip), torch.zeros_like(p))
         # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
         # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted
         if pbar > cfg.learn_after and cfg.learn_ratio > 0:
             L = (p / (cfg.learn_ratio * pbar)).clamp(0, 1)
         else:
             L = torch.ones_like(p)
+        # saturation: GRPO learns only from in-group differences; an objective whose median in-group std fell
+        # far more than the others' (z_k = sbar_k / sbar0_k below spread_ratio x the weighted mean) is flat
+        # where the policy samples: pushing it takes priority from objectives that can still move
+        if cfg.spread_ratio > 0:
+            z = torch.where(torch.isfinite(self.sbar) & torch.isfinite(self.sb0) & (self.sb0 > 0),
+                            self.sbar / self.sb0.clamp_min(1e-300), torch.ones_like(p))
+            zbar = float((wa * z).sum() / wa.sum()) if bool(active.any()) else 1.0
+            if zbar > 0:
+                L = L * (z / (cfg.spread_ratio * zbar)).clamp(0, 1)
         L = torch.where(active, L, torch.ones_like(L))
+        # progress need: how far objective k is behind the weighted mean progress (base stds), projected ahead by
+        # the trend (need_lookahead x v_k: a lagging objective that is already catching up needs less, which damps
+        # the seesaw of conflicting objectives); gaps within the deadband are batch noise (moving priorities on
+        # them is what made the eval curves oscillate), the rest is clipped
+        q = p + cfg.need_lookahead * v
+        qbar = float((wa * q).sum() / wa.sum()) if bool(active.any()) else 0.0
+        gap = qbar - q
+        gap = gap.sign() * (gap.abs() - cfg.need_deadband).clamp_min(0)
+        N = torch.where(active, gap.clamp(-cfg.need_clip, cfg.need_clip), torch.zeros_like(p))
+        if self.epoch >= cfg.warmup_epochs:
+            self.integral = (self.integral + N).clamp(-cfg.i_clip, cfg.i_clip)
         # conflict penalty
         if source == "hold":
             cos = torch.full_like(L, float("nan"))
@@ -211,7 +232,7 @@ class P3Tracker:
         costs them; penalising a lagging objective for conflicting would keep it behind)."""
         cfg, eps = self.cfg, self.cfg.eps
         damp = (1 - cfg.conflict_damping * C).clamp(0, 1) ** cfg.damping_power
-        return cfg.a_l * torch.log(L + eps) + cfg.a_n * damp * N - cfg.lam * C * (N < 0).double()
+        return cfg.a_l * torch.log(L + eps) + damp * (cfg.a_n * N + cfg.a_i * self.integral) - cfg.lam * C * (N < 0).double()
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
         """pihat = normalize(softmax(s / T) * w), floored at pi_min, smoothed with pi_prev (SPEC 4)."""
@@ -225,8 +246,8 @@ class P3Tracker:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "sbar": self.sbar.clone(), "r0": self.r0.clone(), "s0": self.s0.clone(),
-                "n0": self.n0.clone(), "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
-                "conflict": self.conflict.clone()}
+                "n0": self.n0.clone(), "sb0": self.sb0.clone(), "nb0": self.nb0.clone(), "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
+                "conflict": self.conflict.clone(), "integral": self.integral.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -236,6 +257,15 @@ class P3Tracker:
         else:  # a checkpoint from before the baseline window: its r0, s0 are final
             self.n0 = torch.where(torch.isfinite(torch.as_tensor(state["r0"], dtype=torch.float64).flatten()),
                                   float(self.baseline_epochs), 0.0).double()
+        if "integral" in state:
+            keys.append("integral")
+        else:
+            self.integral = torch.zeros(self.K, dtype=torch.float64)
+        if "sb0" in state:
+            keys += ["sb0", "nb0"]
+        else:  # a checkpoint from before the spread baseline: start it from the current sbar
+            self.sb0 = torch.as_tensor(state["sbar"], dtype=torch.float64).flatten().cpu().clone()
+            self.nb0 = torch.where(torch.isfinite(self.sb0), float(self.baseline_epochs), 0.0).double()
         for k in keys:
             t = torch.as_tensor(state[k], dtype=torch.float64).flatten().cpu()
             if t.numel() != self.K:
