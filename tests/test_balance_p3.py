@@ -253,3 +253,19 @@ def test_famo_state_round_trip_and_method_name():
     assert _run(bal, bs[4:]) == _run(other, bs[4:])
     with pytest.raises(ValueError, match="method 'famo'"):
         make_balancer(BalanceConfig(method="apex"), [0.5, 0.3, 0.2]).load_state_dict(bal.state_dict())
+
+
+def test_spread_term_permutation_and_scale_invariant():
+    """The saturation part of L keeps P^3 equivariant to the order of the objectives and invariant to
+    each reward's scale and offset (z_k is a ratio of the objective's own stds)."""
+    bs = _saturating_batches()
+    perm = [2, 0, 1]
+    scale, shift = torch.tensor([1e3, 1e-2, 7.0]), torch.tensor([-5.0, 100.0, 0.3])
+    a, b, c = (APEX([1, 1, 1], warmup_epochs=2, rho=0.0) for _ in range(3))
+    ua = _run(a, bs)[-1]
+    _run(b, [(R[:, perm], g) for R, g in bs])
+    uc = _run(c, [(R * scale + shift, g) for R, g in bs])[-1]
+    assert ua["L/r2"] < 1.0  # the spread part is active here
+    torch.testing.assert_close(b.priorities, a.priorities[perm], atol=1e-6, rtol=0)
+    torch.testing.assert_close(c.priorities, a.priorities, atol=2e-4, rtol=0)
+    assert uc["L/r2"] == pytest.approx(ua["L/r2"], abs=1e-4)
