@@ -45,8 +45,14 @@ def interval(x: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(T95.get(len(a) - 1, 1.96) * a.std(ddof=1) / math.sqrt(len(a)))
 
 
-def run_one(config: str, sets: list[str], method: str, seed: int, out_root: Path) -> dict:
+def run_one(config: str, sets: list[str], method: str, seed: int, out_root: Path, reuse: bool = False) -> dict:
     out = out_root / f"{method}_seed{seed}"
+    done = out / "bench_run.json"
+    if reuse and done.is_file():  # finished by an earlier (or a parallel) invocation with the same settings
+        prev = json.loads(done.read_text())
+        if prev.get("sets") == list(sets) and prev.get("config") == str(config):
+            print(f"reusing {out}", flush=True)
+            return prev["result"]
     cfg = load_config(config, sets + [f"balance.method={method}", f"train.seed={seed}", f"log.output_dir={out}",
                                       "log.progress=false", "log.tensorboard=false"])
     t0 = time.perf_counter()
@@ -55,11 +61,13 @@ def run_one(config: str, sets: list[str], method: str, seed: int, out_root: Path
     names = list(result["start"])
     curves = {n: [(int(r["epoch"]), float(r[f"eval/{n}"])) for r in rows if r.get(f"eval/{n}") not in (None, "")]
               for n in names}
-    return {"start": result["start"], "end": result["end"], "seconds": round(time.perf_counter() - t0, 1),
-            "hijack_share": {n: _mean_col(rows, f"hijack_share/{n}") for n in names},
-            "effective_share": {n: _mean_col(rows, f"effective_share/{n}") for n in names},
-            "eval_curves": curves, "output_dir": str(out),
-            "weights": {r.name: r.weight for r in cfg.rewards}, "epochs": cfg.train.epochs}
+    res = {"start": result["start"], "end": result["end"], "seconds": round(time.perf_counter() - t0, 1),
+           "hijack_share": {n: _mean_col(rows, f"hijack_share/{n}") for n in names},
+           "effective_share": {n: _mean_col(rows, f"effective_share/{n}") for n in names},
+           "eval_curves": curves, "output_dir": str(out),
+           "weights": {r.name: r.weight for r in cfg.rewards}, "epochs": cfg.train.epochs}
+    done.write_text(json.dumps({"config": str(config), "sets": list(sets), "result": res}, indent=1) + "\n")
+    return res
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
@@ -161,8 +169,12 @@ def main(argv=None):
     ap.add_argument("--out", default="outputs/tiny_demo")
     ap.add_argument("--results", default="bench/results")
     ap.add_argument("--name", default="tiny_demo")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take (method, seed) runs already finished under --out with the same config and --set "
+                         "(e.g. run methods in parallel processes, then once more with --reuse for the summary)")
     args = ap.parse_args(argv)
-    runs = {m: [run_one(args.config, args.set, m, s, Path(args.out)) for s in args.seeds] for m in args.methods}
+    runs = {m: [run_one(args.config, args.set, m, s, Path(args.out), args.reuse) for s in args.seeds]
+            for m in args.methods}
     summary = summarize(runs)
     tab = table(summary)
     print("\n" + tab + "\n")

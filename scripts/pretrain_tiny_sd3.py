@@ -64,12 +64,12 @@ def testbed_batch(rng: np.random.Generator, n: int, p_word: float = 0.5):
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, [s.prompt for s in scenes]
 
 
-def testbed_items(rng: np.random.Generator, n: int):
+def testbed_items(rng: np.random.Generator, n: int, p_word: float = 0.5):
     """Like testbed_batch, but each scene is drawn and rendered in turn, so the first k items do not
     depend on n (the SD3 data set's first batches are the same whatever --images)."""
     pairs = []
     for _ in range(n):
-        scene = testbed.random_scene(rng)
+        scene = testbed.random_scene(rng, p_word=p_word)
         pairs.append((testbed.render(scene, rng, IMAGE_SIZE), scene.prompt))
     x = np.stack([a for a, _ in pairs])
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, [p for _, p in pairs]
@@ -282,7 +282,7 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
     prompts_all, means, stds = [], [], []
     with torch.no_grad():
         for i in range(0, args.images, 64):
-            x, p = testbed_items(rng, min(64, args.images - i))
+            x, p = testbed_items(rng, min(64, args.images - i), p_word=args.p_word)
             post = vae.encode(x).latent_dist
             means.append(post.mean)
             stds.append(post.std)
@@ -291,6 +291,8 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
     print(f"encoded {len(prompts_all)} images in {time.time() - t0:.0f}s", flush=True)
     losses, t0 = [], time.time()
     modules.train()
+    h = means.shape[2]  # latent rows covering the word band (testbed.WORD_Y, font 0.22 of the side)
+    word_rows = slice(int((testbed.WORD_Y - 0.15) * h), int(math.ceil((testbed.WORD_Y + 0.15) * h)))
     drop_rng = np.random.default_rng([args.seed, 5])
     # first pass in generation order, then reshuffled each pass: the first steps do not depend on --images
     order = torch.arange(len(prompts_all))
@@ -303,14 +305,22 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
         z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
         x0 = (z - shift) * scale
         u = torch.sigmoid(torch.randn(len(x0), generator=g))
-        s = 3.0 * u / (1 + 2.0 * u)  # the sampler's shift-3 schedule
+        shift_t = args.timestep_shift
+        s = shift_t * u / (1 + (shift_t - 1.0) * u)  # 3: the sampler's shift-3 schedule
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
         emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
                                                max_sequence_length=T5_TOKENS)
         v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled,
                         timestep=s * 1000, return_dict=False)[0]
-        loss = (v - (eps - x0)).square().mean()
+        err = (v - (eps - x0)).square()
+        if args.word_loss_weight == 1.0:
+            loss = err.mean()
+        else:  # the latent rows of the word band count more for images with a word (sharper glyphs)
+            w = torch.ones(len(x0), 1, err.shape[2], 1)
+            has_word = torch.tensor(['"' in prompts_all[i] for i in idx.tolist()])
+            w[has_word, :, word_rows] = args.word_loss_weight
+            loss = (err * w).sum() / (w.sum() * err.shape[1] * err.shape[3])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -360,6 +370,11 @@ def main(argv=None):
     ap.add_argument("--decay-steps", type=int, default=400, help="linear lr decay over the last N steps")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg-dropout", type=float, default=0.1)
+    ap.add_argument("--p-word", type=float, default=0.5, help="fraction of SD3 training images with a quoted word")
+    ap.add_argument("--word-loss-weight", type=float, default=1.0,
+                    help="loss weight of the word band's latent rows in images with a word (1: plain SD3 loss)")
+    ap.add_argument("--timestep-shift", type=float, default=3.0,
+                    help="shift of the logit-normal training timesteps (3: the sampler's; 1: more weight on detail)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--init-from", default=None, help="--stage sd3: start from this pipeline folder's weights (continue a run)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="also keep a copy of every checkpoint (OUT.stepNNNNN)")
