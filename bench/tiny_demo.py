@@ -70,6 +70,14 @@ def run_one(config: str, sets: list[str], method: str, seed: int, out_root: Path
     return res
 
 
+def over_half(output_dir: str, key: str) -> float:
+    """Fraction of a run's epochs in which `key` (e.g. hijack_share/ocr) is above 0.5: a sparse
+    objective's hijacking is episodic (only epochs where some rollouts score), so its mean understates it."""
+    rows = list(csv.DictReader((Path(output_dir) / "metrics.csv").open()))
+    vals = [float(r[key]) for r in rows if r.get(key) not in (None, "") and math.isfinite(float(r[key]))]
+    return float(np.mean([v > 0.5 for v in vals])) if vals else float("nan")
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for method, rs in runs.items():
@@ -82,7 +90,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                               "change_mean": m, "change_ci95": h, "changes": ch,
                               "raised_beyond_ci": bool(m - h > 0) if math.isfinite(h) else None,
                               "hijack_share": float(np.mean([r["hijack_share"][n] for r in rs])),
-                              "effective_share": float(np.mean([r["effective_share"][n] for r in rs]))}
+                              "effective_share": float(np.mean([r["effective_share"][n] for r in rs])),
+                              "epochs_hijack_over_half": float(np.mean([over_half(r["output_dir"], f"hijack_share/{n}") for r in rs])),
+                              "epochs_effective_over_half": float(np.mean([over_half(r["output_dir"], f"effective_share/{n}") for r in rs]))}
     return out
 
 
@@ -90,13 +100,15 @@ def table(summary: dict) -> str:
     methods = list(summary)
     names = list(summary[methods[0]])
     head = "| objective (weight) | start | " + " | ".join(f"change ({m}), 95% CI" for m in methods) + " | " + \
-        " | ".join(f"hijack share ({m})" for m in methods) + " | " + " | ".join(f"trained share ({m})" for m in methods) + " |"
-    lines = [head, "|" + "---|" * (2 + 3 * len(methods))]
+        " | ".join(f"hijack share ({m})" for m in methods) + " | " + " | ".join(f"trained share ({m})" for m in methods) + \
+        " | " + " | ".join(f"epochs trained share > 0.5 ({m})" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (2 + 4 * len(methods))]
     for n in names:
         s = summary[methods[0]][n]
         cells = [f"{summary[m][n]['change_mean']:+.4f} +- {summary[m][n]['change_ci95']:.4f}" for m in methods]
         cells += [f"{summary[m][n]['hijack_share']:.2f}" for m in methods]
         cells += [f"{summary[m][n]['effective_share']:.2f}" for m in methods]
+        cells += [f"{summary[m][n]['epochs_effective_over_half']:.2f}" for m in methods]
         lines.append(f"| {n} ({s['weight']}) | {s['start']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
