@@ -138,27 +138,55 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def samples_figure(run: dict, prompts: list[str], per_prompt: int, path: Path, n_prompts: int = 6) -> None:
-    """Eval samples of one run, start (epoch 0) vs end, same prompts and seeds, labelled."""
+def eval_tiles(png: Path, per_prompt: int, n_prompts: int, size: int = 64) -> list[np.ndarray]:
+    """The first `n_prompts` x `per_prompt` images of a trainer eval grid (apex_fast.eval.grids: one
+    framed square per image, one row per prompt), cut back out of the PNG along the axes frames and
+    resized to `size` (they are drawn enlarged with nearest interpolation)."""
+    from PIL import Image
+
+    im = np.asarray(Image.open(png).convert("RGB"))
+    dark = im.astype(int).sum(2) < 150
+    cols = np.flatnonzero(dark.sum(0) > 0.4 * im.shape[0])  # frame columns run the whole grid's height
+    left, box = int(cols[0]), int(cols[1] - cols[0])  # first frame's left edge and the box's side
+    pitch = int(cols[2] - cols[0]) if per_prompt > 1 else None
+    top = int(np.flatnonzero(dark[:, left + 2:left + box - 2].all(1))[0])  # first frame's top edge
+    row_pitch = None
+    for r in range(top + box + 1, im.shape[0]):  # the next frame's top edge
+        if dark[r, left + 2:left + box - 2].all() and dark[r + box, left + 2:left + box - 2].all():
+            row_pitch = r - top
+            break
+    tiles = []
+    for i in range(n_prompts):
+        for c in range(per_prompt):
+            y, x = top + i * row_pitch + 1, left + (c * pitch if c else 0) + 1
+            tile = Image.fromarray(im[y:y + box - 1, x:x + box - 1]).resize((size, size), Image.NEAREST)
+            tiles.append(np.asarray(tile))
+    return tiles
+
+
+def samples_figure(runs: dict[str, dict], prompts: list[str], per_prompt: int, path: Path, n_prompts: int = 6) -> None:
+    """Eval samples, start (epoch 0, the base model) vs the end of one run per method, same prompts
+    and seeds, labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    out = Path(run["output_dir"]) / "samples"
-    grids = sorted(out.glob("eval_epoch*.png"))
-    start, end = np.asarray(Image.open(grids[0])), np.asarray(Image.open(grids[-1]))
-    size = 64
+    rows = []
+    for i, (method, run) in enumerate(runs.items()):
+        grids = sorted((Path(run["output_dir"]) / "samples").glob("eval_epoch*.png"))
+        if i == 0:
+            rows.append((eval_tiles(grids[0], per_prompt, n_prompts), "start"))
+        rows.append((eval_tiles(grids[-1], per_prompt, n_prompts), f"end ({method})"))
 
-    def tile(grid, i):
-        r, c = divmod(i, 8)
-        return grid[r * size:(r + 1) * size, c * size:(c + 1) * size]
+    def tile(tiles, i):
+        return tiles[i]
 
-    fig, axes = plt.subplots(2, n_prompts, figsize=(1.9 * n_prompts, 4.6))
+    fig, axes = plt.subplots(len(rows), n_prompts, figsize=(1.9 * n_prompts, 0.4 + 2.1 * len(rows)), squeeze=False)
     for j in range(n_prompts):
         i = j * per_prompt
-        for row, (grid, label) in enumerate(((start, "start"), (end, "end"))):
+        for row, (grid, label) in enumerate(rows):
             ax = axes[row, j]
             ax.imshow(tile(grid, i), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
@@ -166,7 +194,8 @@ def samples_figure(run: dict, prompts: list[str], per_prompt: int, path: Path, n
                 ax.set_ylabel(label)
         words = prompts[j].replace(" background", " background,").replace(" with the word", "")
         axes[0, j].set_title(textwrap.fill(words, 24), fontsize=7)
-    fig.suptitle(f"eval samples (ODE, fixed seeds), start vs end of {Path(run['output_dir']).name}", fontsize=9)
+    names = ", ".join(Path(r["output_dir"]).name for r in runs.values())
+    fig.suptitle(f"eval samples (ODE, same prompts and seeds): the base model vs the end of {names}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -202,8 +231,8 @@ def main(argv=None):
     from apex_fast.data import load_prompts
 
     prompts = [p for p, _ in load_prompts(cfg.data.eval_prompts)][: cfg.eval.num_prompts]
-    first = runs[args.methods[0]][0]
-    samples_figure(first, prompts, cfg.eval.images_per_prompt, res / f"{args.name}_samples.png")
+    samples_figure({m: runs[m][0] for m in args.methods}, prompts, cfg.eval.images_per_prompt,
+                   res / f"{args.name}_samples.png")
     return summary
 
 
