@@ -165,3 +165,31 @@ def test_demo_learning_direction_on_one_objective(tmp_path):
         "eval.num_prompts=6", "eval.images_per_prompt=1", "checkpoint.every=0"])
     result = Trainer(cfg).fit()
     assert result["end"]["contrast"] > result["start"]["contrast"] + 0.002, result
+
+
+def test_script_word_focused_options_run(tmp_path):
+    """--p-word / --word-loss-weight / --timestep-shift (word-focused fine-tuning): one step from the
+    asset, only images with a word, a finite weighted loss, a loadable pipeline written."""
+    out = tmp_path / "tiny_sd3"
+    cmd = [sys.executable, str(SCRIPT), "--stage", "sd3", "--from", str(TINY_SD3_DIR), "--init-from", str(TINY_SD3_DIR),
+           "--out", str(out), "--steps", "1", "--images", "8", "--batch", "8", "--decay-steps", "0", "--warmup", "1",
+           "--p-word", "1.0", "--word-loss-weight", "4", "--timestep-shift", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads((out / "pretrain_log.json").read_text())
+    assert log["args"]["word_loss_weight"] == 4 and np.isfinite(log["sd3"]["first_losses"][0])
+    assert load_pipeline(str(out)).transformer.config.num_layers == 4
+
+
+def test_demo_bench_cuts_images_out_of_the_eval_grid(tmp_path):
+    """bench.tiny_demo's start-vs-end figure reads the images back out of the trainer's labelled grid."""
+    from apex_fast.eval.grids import save_prompt_grid
+    from bench.tiny_demo import eval_tiles
+
+    rng = np.random.default_rng(0)
+    imgs = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), 8, 1), 8, 2)  # 8x8 blocks
+    prompts = [f'a red circle on a blue background with the word "W{i // 2}"' for i in range(6)]
+    png, _ = save_prompt_grid(imgs, prompts, tmp_path / "eval_epoch00000.png", title="epoch 0: held-out prompts")
+    tiles = np.stack(eval_tiles(png, per_prompt=2, n_prompts=3))
+    assert tiles.shape == (6, 64, 64, 3)
+    assert np.abs(tiles.astype(int) - imgs.astype(int)).mean() < 3, "tiles do not match the drawn images"
