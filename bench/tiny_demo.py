@@ -9,7 +9,11 @@ noise, prompt order); the eval prompts and eval seeds are the same for every run
 same base model measurement. Reported per method and objective: the eval change end - start, mean
 over seeds with a 95% t-interval (n = 3: mean +- 4.30 sd / sqrt 3), and the mean hijack share
 (SPEC 3's rho_k, from the in-group reward stds) and effective share (the objective's share of the
-advantage actually trained on) over epochs.
+advantage actually trained on) over epochs, and the fraction of epochs in which each holds more than half
+of either (a sparse objective hijacks episodically).
+
+Methods can run in parallel processes (``--methods static --results /tmp/a`` and ``--methods apex
+--results /tmp/b``), then ``--methods static apex --reuse`` summarises the finished runs under ``--out``.
 """
 from __future__ import annotations
 
