@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,8 @@ from safetensors.torch import load_file
 from apex_fast.checkpoint import CheckpointError
 from apex_fast.config import load_config
 from apex_fast.train import Trainer
+
+from _multiproc import env, free_port
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +56,6 @@ TWO = ["train.micro_batch_size=1", f"train.epochs={EPOCHS}"]
 # below that composition error.
 ATOL = 2e-4
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
 
 
 def sets(overrides) -> list[str]:

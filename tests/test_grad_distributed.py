@@ -3,8 +3,6 @@ the shard of the averaged J it owns after one reduce-scatter, one all-reduce of 
 one-process Gram and identical on every rank; a 2-process DeepSpeed ZeRO-2 run with
 balance.gradients one_backward trains like one process."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,8 @@ from safetensors.torch import load_file
 from apex_fast.config import load_config
 from apex_fast.grad import sharded_gram
 from apex_fast.train import Trainer
+
+from _multiproc import env, free_port
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,19 +52,6 @@ if r == 0:
                    scale=float((flat @ flat.T).abs().max())), open({out!r}, "w"))
 dist.destroy_process_group()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
 
 
 def test_sharded_gram_is_the_gram_of_the_mean_and_identical_on_every_rank(tmp_path):
