@@ -61,9 +61,12 @@ FIRST_LOSSES = 5  # losses of the first steps kept in the log (the reproducibili
 
 # ------------------------------------------------------------------ data
 
+LAYOUT = testbed.LAYOUT  # the testbed layout of all stages' data (--layout)
+
+
 def testbed_batch(rng: np.random.Generator, n: int, p_word: float = 0.5):
-    scenes = [testbed.random_scene(rng, p_word=p_word) for _ in range(n)]
-    x = np.stack([testbed.render(s, rng, IMAGE_SIZE) for s in scenes])
+    scenes = [testbed.random_scene(rng, p_word=p_word, layout_name=LAYOUT) for _ in range(n)]
+    x = np.stack([testbed.render(s, rng, IMAGE_SIZE, layout_name=LAYOUT) for s in scenes])
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, [s.prompt for s in scenes]
 
 
@@ -72,8 +75,8 @@ def testbed_items(rng: np.random.Generator, n: int, p_word: float = 0.5):
     depend on n (the SD3 data set's first batches are the same whatever --images)."""
     pairs = []
     for _ in range(n):
-        scene = testbed.random_scene(rng, p_word=p_word)
-        pairs.append((testbed.render(scene, rng, IMAGE_SIZE), scene.prompt))
+        scene = testbed.random_scene(rng, p_word=p_word, layout_name=LAYOUT)
+        pairs.append((testbed.render(scene, rng, IMAGE_SIZE, layout_name=LAYOUT), scene.prompt))
     x = np.stack([a for a, _ in pairs])
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, [p for _, p in pairs]
 
@@ -96,11 +99,12 @@ def train_tokenizer(out: Path, seed: int) -> None:
     import train_tokenizer as tt
 
     rng = np.random.default_rng([seed, 1])
-    prompts = [testbed.random_scene(rng).prompt for _ in range(4000)]
+    words = testbed.layout(LAYOUT).words
+    prompts = [testbed.random_scene(rng, layout_name=LAYOUT).prompt for _ in range(4000)]
     for c in testbed.COLORS:  # every word of the vocabulary, whatever the draw
         prompts += [testbed.Scene(c, s, "white" if c != "white" else "black", p, w).prompt
-                    for s in testbed.SHAPES for p in testbed.POSITIONS for w in testbed.WORDS[:1]]
-    prompts += [f'with the word "{w}"' for w in testbed.WORDS]
+                    for s in testbed.SHAPES for p in testbed.POSITIONS for w in words[:1]]
+    prompts += [f'with the word "{w}"' for w in words]
     merges = tt.learn_merges(tt.word_counts(prompts), 400)
     vocab = tt.build_vocab(merges)
     for name in ("tokenizer", "tokenizer_2"):
@@ -162,7 +166,7 @@ def train_vae(args, log: dict):
         rng = np.random.default_rng([args.seed, 3])
         z = torch.cat([vae.encode(vae_batch(rng, 32)).latent_dist.sample(generator=g) for _ in range(4)])
     vae.register_to_config(shift_factor=round(float(z.mean()), 4), scaling_factor=round(float(1 / z.std()), 4))
-    log["vae"] = {"first_losses": losses[:FIRST_LOSSES], "curve": losses[::25], "steps": args.vae_steps,
+    log["vae"] = {"layout": LAYOUT, "first_losses": losses[:FIRST_LOSSES], "curve": losses[::25], "steps": args.vae_steps,
                   "seconds": round(time.time() - t0), "shift_factor": vae.config.shift_factor,
                   "scaling_factor": vae.config.scaling_factor}
     return vae
@@ -198,7 +202,7 @@ def finetune_decoder(args, vae, log: dict):
             print(f"decoder step {step:5d}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f}s", flush=True)
     vae.eval()
     vae.requires_grad_(False)
-    log["decoder"] = {"first_losses": losses[:FIRST_LOSSES], "curve": losses[::25], "steps": args.decoder_steps,
+    log["decoder"] = {"layout": LAYOUT, "first_losses": losses[:FIRST_LOSSES], "curve": losses[::25], "steps": args.decoder_steps,
                       "seconds": round(time.time() - t0)}
     return vae
 
@@ -294,8 +298,10 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
     print(f"encoded {len(prompts_all)} images in {time.time() - t0:.0f}s", flush=True)
     losses, t0 = [], time.time()
     modules.train()
-    h = means.shape[2]  # latent rows covering the word band (testbed.WORD_Y, font 0.22 of the side)
-    word_rows = slice(int((testbed.WORD_Y - 0.15) * h), int(math.ceil((testbed.WORD_Y + 0.15) * h)))
+    h = means.shape[2]  # latent rows covering the word band (the layout's word height and font size)
+    lay = testbed.layout(LAYOUT)
+    half = max(0.15, 0.6 * lay.font)
+    word_rows = slice(int((lay.word_y - half) * h), int(math.ceil((lay.word_y + half) * h)))
     drop_rng = np.random.default_rng([args.seed, 5])
     # first pass in generation order, then reshuffled each pass: the first steps do not depend on --images
     order = torch.arange(len(prompts_all))
@@ -340,7 +346,7 @@ def train_sd3(args, vae, tok_dir: Path, log: dict, out: Path):
         if step % 50 == 0 or step == args.steps:
             print(f"sd3 step {step:6d}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f}s", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            log["sd3"] = {"first_losses": losses[:FIRST_LOSSES], "curve": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
+            log["sd3"] = {"layout": LAYOUT, "first_losses": losses[:FIRST_LOSSES], "curve": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
                           "steps_done": step, "steps": args.steps, "seconds": round(time.time() - t0), "parameters": n_params}
             save_pipeline(make_pipeline(*[copy.deepcopy(m).eval() for m in ema], tok_dir, vae), out, log)
             if args.keep_checkpoints:
@@ -378,10 +384,14 @@ def main(argv=None):
                     help="loss weight of the word band's latent rows in images with a word (1: plain SD3 loss)")
     ap.add_argument("--timestep-shift", type=float, default=3.0,
                     help="shift of the logit-normal training timesteps (3: the sampler's; 1: more weight on detail)")
+    ap.add_argument("--layout", choices=tuple(testbed.LAYOUTS), default=testbed.LAYOUT,
+                    help="testbed layout of the data (word list, font size; apex_fast.data.testbed.LAYOUTS)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--init-from", default=None, help="--stage sd3: start from this pipeline folder's weights (continue a run)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="also keep a copy of every checkpoint (OUT.stepNNNNN)")
     args = ap.parse_args(argv)
+    global LAYOUT
+    LAYOUT = args.layout
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = out.with_name(out.name + ".stage")

@@ -58,11 +58,13 @@ def test_assets_are_small_and_the_pipeline_loads_offline(pipe):
 
 
 def test_script_reproduces_the_first_losses(tmp_path):
-    """Stage sd3 re-run from the asset's tokenizer and VAE: the first two steps' losses match the log."""
+    """Stage sd3 re-run from the asset's tokenizer and VAE: the first two steps' losses of its first SD3
+    stage (from scratch, on the layout that stage recorded) match the log."""
     LOG = pretrain_log()
     out = tmp_path / "tiny_sd3"
     cmd = [sys.executable, str(SCRIPT), "--stage", "sd3", "--from", str(TINY_SD3_DIR), "--out", str(out),
-           "--steps", "2", "--images", "48", "--decay-steps", "0", "--seed", str(LOG["args"]["seed"])]
+           "--steps", "2", "--images", "48", "--decay-steps", "0", "--seed", str(LOG["args"]["seed"]),
+           "--layout", LOG["sd3"]["layout"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads((out / "pretrain_log.json").read_text())["sd3"]["first_losses"]
@@ -74,7 +76,7 @@ def test_vae_stage_reproduces_the_first_losses(tmp_path):
     out = tmp_path / "tiny_sd3"
     # constant lr: the full run's cosine schedule is within 1e-5 of it over the first steps
     cmd = [sys.executable, str(SCRIPT), "--stage", "vae", "--out", str(out), "--vae-steps", "2", "--no-vae-cosine",
-           "--seed", str(LOG["args"]["seed"])]
+           "--seed", str(LOG["args"]["seed"]), "--layout", LOG["vae"]["layout"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads((tmp_path / "tiny_sd3.stage" / "log.json").read_text())["vae"]["first_losses"]

@@ -39,11 +39,45 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "in the center": (0.5, 0.5),
 }
 WORD_POSITIONS = ("on the left", "on the right", "in the center")
-WORD_SHAPE_Y = 0.3  # shape centre height when a word is drawn below it
-WORD_Y = 0.77  # word centre height
-WORDS = ("OPEN", "STOP", "SALE", "CAFE", "TAXI", "HOT", "MOON", "FISH",
-         "BOOK", "RAIN", "STAR", "GOLD", "LOVE", "JAZZ", "WIND", "ZOO")
 FONT_FILE = "DejaVuSans-Bold.ttf"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a scene with a word is drawn: the word list, the font size (fraction of the side), the word's
+    centre height and the shape's centre height and radius above it."""
+
+    words: tuple[str, ...]
+    font: float
+    word_y: float
+    shape_y: float
+    shape_radius: float
+
+
+LAYOUTS: dict[str, Layout] = {
+    # the first testbed: 4-letter words at 0.22 of the side - a letter is about one 8 x 8 px token of the
+    # 64 px tiny SD3, too fine for it to draw legibly (OCR at the base model ~0.01); the shipped
+    # asset's tokenizer and VAE were trained on it
+    "small-words": Layout(("OPEN", "STOP", "SALE", "CAFE", "TAXI", "HOT", "MOON", "FISH",
+                           "BOOK", "RAIN", "STAR", "GOLD", "LOVE", "JAZZ", "WIND", "ZOO"),
+                          font=0.22, word_y=0.77, shape_y=0.3, shape_radius=0.17),
+    # the default: 3-letter words at 0.32 of the side (a letter ~16 x 16 px, 2 x 2 tokens), the shape smaller
+    "big-words": Layout(("HOT", "ZOO", "SUN", "CAT", "DOG", "FOX", "BOX", "KEY",
+                         "SKY", "OWL", "JAM", "MAP", "BUS", "ART", "JOY", "PIE"),
+                        font=0.32, word_y=0.74, shape_y=0.28, shape_radius=0.15),
+}
+LAYOUT = "big-words"
+WORDS = LAYOUTS[LAYOUT].words
+WORD_Y = LAYOUTS[LAYOUT].word_y  # word centre height
+WORD_SHAPE_Y = LAYOUTS[LAYOUT].shape_y  # shape centre height when a word is drawn below it
+
+
+def layout(name: str | None = None) -> Layout:
+    if name is None:
+        name = LAYOUT
+    if name not in LAYOUTS:
+        raise ValueError(f"testbed layout {name!r} unknown; choose one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
 
 
 @dataclass(frozen=True)
@@ -77,12 +111,14 @@ def parse_prompt(prompt: str) -> Scene | None:
     return Scene(m["color"], m["shape"], m["background"], m["position"], m["word"])
 
 
-def random_scene(rng: np.random.Generator, p_word: float = 0.5, p_position: float = 0.6) -> Scene:
+def random_scene(rng: np.random.Generator, p_word: float = 0.5, p_position: float = 0.6,
+                 layout_name: str | None = None) -> Scene:
+    words = layout(layout_name).words
     names = list(COLORS)
     color = names[rng.integers(len(names))]
     background = [c for c in names if c != color][rng.integers(len(names) - 1)]
     shape = SHAPES[rng.integers(len(SHAPES))]
-    word = WORDS[rng.integers(len(WORDS))] if rng.random() < p_word else None
+    word = words[rng.integers(len(words))] if rng.random() < p_word else None
     choices = WORD_POSITIONS if word else tuple(POSITIONS)
     position = choices[rng.integers(len(choices))] if rng.random() < p_position else None
     return Scene(color, shape, background, position, word)
@@ -115,16 +151,18 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) ->
     return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = 64, supersample: int = 2) -> np.ndarray:
+def render(scene: Scene, rng: np.random.Generator, size: int = 64, supersample: int = 2,
+           layout_name: str | None = None) -> np.ndarray:
     """uint8 RGB [size, size, 3] image of `scene`, with small random jitter of colours, position and size."""
     from PIL import Image, ImageDraw
 
+    lay = layout(layout_name)
     s = size * supersample
     img = Image.new("RGB", (s, s), _jitter(rng, COLORS[scene.background], 12))
     draw = ImageDraw.Draw(img)
     if scene.word:
         cx = POSITIONS[scene.position][0] if scene.position else 0.5
-        cy, radius = WORD_SHAPE_Y, 0.17
+        cy, radius = lay.shape_y, lay.shape_radius
     else:
         cx, cy = POSITIONS[scene.position] if scene.position else (0.5, 0.5)
         radius = 0.2
@@ -141,9 +179,9 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 64, supersample: 
         h = r * 1.05
         draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
     if scene.word:
-        font = _font(int(round(0.22 * s)))
+        font = _font(int(round(lay.font * s)))
         x = (0.5 + rng.uniform(-0.03, 0.03)) * s
-        y = (WORD_Y + rng.uniform(-0.02, 0.02)) * s
+        y = (lay.word_y + rng.uniform(-0.02, 0.02)) * s
         draw.text((x, y), scene.word, fill=text_color(scene.background), font=font, anchor="mm")
     if supersample > 1:
         img = img.resize((size, size), Image.BOX)
@@ -161,5 +199,5 @@ def prompt_set(seed: int, n: int, *, word: bool = True, exclude: set[str] = froz
     return out
 
 
-__all__ = ["COLORS", "SHAPES", "POSITIONS", "WORDS", "Scene", "parse_prompt", "random_scene", "render",
+__all__ = ["COLORS", "SHAPES", "POSITIONS", "WORDS", "LAYOUT", "LAYOUTS", "Layout", "layout", "Scene", "parse_prompt", "random_scene", "render",
            "text_color", "font_path", "prompt_set"]
