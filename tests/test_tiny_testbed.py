@@ -104,13 +104,15 @@ def test_follows_colour_and_shape_prompts(samples):
 
 
 def test_ocr_is_sparse_at_the_base_model(samples):
-    """The base model's words are blurry: the OCR reward is mostly 0 (sparse), never mostly right."""
+    """The base model's words are partly legible: the OCR reward is mostly 0 (sparse), never mostly
+    right, but not absent: some samples are read (fully or partly), with a spread inside some group."""
     from bench.tiny_model import REWARDS
 
     imgs, prompts = samples
     r = make_scorer("ocr", **REWARDS["ocr"])(imgs, prompts, [{}] * len(prompts))
     assert torch.isfinite(r).all() and ((r >= 0) & (r <= 1)).all()
     assert float(r.mean()) < 0.6 and float((r == 0).float().mean()) > 0.4, r
+    assert float(r.mean()) > 0.02 and (r.view(-1, 4).std(1) > 0).any(), r
 
 
 def test_vae_carries_legible_words(pipe):
