@@ -6,7 +6,7 @@ Deterministic stages, each seeded on its own so any stage can be re-run alone:
 1. tokenizer: the project's CLIP-style BPE (scripts/train_tokenizer.py) learned on testbed prompts,
    so every colour, shape and word is one token; ``model_max_length`` 32.
 2. VAE: a 16-channel ``AutoencoderKL`` with x4 down-sampling (64 px <-> 16 x 16 latents, fine
-   enough for 4-letter words to survive decoding), trained for reconstruction (+ a small KL) on
+   enough for the words to survive decoding), trained for reconstruction (+ a small KL) on
    testbed images and the varied procedural images of scripts/train_tiny_vae.py; SD3-style
    ``shift_factor`` / ``scaling_factor`` measured on the data.
 3. SD3: an ``SD3Transformer2DModel`` (4 joint blocks) and the two ``CLIPTextModelWithProjection``
@@ -18,8 +18,14 @@ Deterministic stages, each seeded on its own so any stage can be re-run alone:
    depend on it), on word-heavy batches: sharper words for the same latents. ``--stage all`` runs it
    right after the VAE.
 
-The shipped asset: tokenizer + VAE stage, 1000 SD3 steps, 1000 more with ``--init-from`` (CPU time
-on a shared machine came in pieces), decoder stage; ``pretrain_log.json`` ("assembled") says so.
+``--layout`` (apex_fast.data.testbed.LAYOUTS) selects the data of every stage: ``big-words`` (the
+default: 3-letter words at 0.32 of the side) or ``small-words`` (4-letter words at 0.22, too fine for
+this model to draw legibly); each stage's log records its layout.
+
+The shipped asset (``pretrain_log.json`` "assembled" says so; README "The embedded testbed" gives the
+commands and their cost): on ``small-words``, tokenizer + VAE stage, 1000 SD3 steps, 1000 more with
+``--init-from``, decoder stage, 4750 word-focused SD3 steps; then on ``big-words``, 3000 word-focused
+SD3 steps (CPU time on a shared machine came in pieces).
 
 The output folder is a ``StableDiffusion3Pipeline.save_pretrained`` folder plus ``pretrain_log.json``
 (arguments, the losses of the first steps of each stage, loss curve, timings). A checkpoint of the
@@ -29,8 +35,8 @@ pipeline (EMA weights) is written every ``--save-every`` steps, so a partial run
     python scripts/pretrain_tiny_sd3.py --out /tmp/t --vae-steps 20 --steps 20  # quick try
     python scripts/pretrain_tiny_sd3.py --stage sd3 --from apex_fast/models/assets/tiny_sd3 --steps 3 --out /tmp/t
 
-Word-focused continuation (sharper words; tried for 400 steps without a measurable OCR gain, see
-README): ``--stage sd3 --from A --init-from A --p-word 0.85 --word-loss-weight 4 --timestep-shift 2``.
+Word-focused continuation (sharper words): ``--stage sd3 --from A --init-from A --p-word 0.85
+--word-loss-weight 4 --timestep-shift 2 [--layout big-words]``.
 """
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ optionally a quoted word, and the procedural images that show them.
 ``render(scene)`` / ``scene.prompt`` pairs streamed from a seeded generator; the prompt-alignment
 reward (`apex_fast.rewards.alignment`) and the measurement script parse the same vocabulary back out
 of a prompt. Words are drawn with DejaVu Sans Bold, the font matplotlib ships (a base dependency), so
-the data is the same on every machine.
+the data is the same on every machine. A `Layout` fixes the word list, font size and positions
+(`LAYOUTS`; `LAYOUT` is the default, the other kept so that earlier pretraining stages re-run exactly).
 
     a red circle on the left on a blue background
-    a white triangle on a purple background with the word "MOON"
+    a white triangle on a purple background with the word "SUN"
 """
 from __future__ import annotations
 

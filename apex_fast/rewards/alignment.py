@@ -1,7 +1,7 @@
 """Prompt alignment on the tiny testbed, offline: does the image show the colours the prompt names?
 
 Prompts are the testbed's (`apex_fast.data.testbed`: "a red circle on the left on a blue background
-with the word "OPEN""). Two parts:
+with the word "SUN""). Two parts:
 
 * `detect_scene(img, has_word)`: a simple detector (no learning). Each pixel takes the nearest
   palette colour; the background is the most common one on the border; the object is the most
