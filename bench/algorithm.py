@@ -71,9 +71,11 @@ VARIANTS = {
     "apex-warmup20": {"warmup_epochs": 20},
     "apex-rho0.95": {"rho": 0.95},
     "apex-rho0.99": {"rho": 0.99},
+    "apex-lead0.5": {"need_lead": 0.5},  # leaders ahead of the mean pushed down at half the gain
+    "apex+I-rho0.99": {"a_i": 0.05, "rho": 0.99},  # integral action with slower smoothing: the worst-first variant
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
-ABLATION_SCENARIOS = ["paper", "k2_conflict", "saturating", "noise"]
+ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
 

@@ -220,6 +220,25 @@ def test_integral_action_accumulates_the_need():
     assert total[2] > 0  # the slow objective was behind
 
 
+
+@pytest.mark.parametrize("lead", [0.0, 0.5, 1.0])
+def test_need_lead_scales_only_the_negative_need(lead):
+    """s_k = a_L log(L_k + eps) + (1 - C_k)^2 a_N (max(N_k, 0) + need_lead min(N_k, 0)): pi recomputed from
+    the logged L, C, N (rho 0, so pi is this epoch's pihat, floored)."""
+    bs = _batches(drift=(0.3, 0.2, 0.05), epochs=14)
+    bal = APEX([1, 1, 1], warmup_epochs=2, rho=0.0, need_lead=lead, a_n=3.0, pi_min=0.0)
+    u = _run(bal, bs)[-1]
+    L, C, N = (np.array([u[f"{x}/r{k}"] for k in range(3)]) for x in ("L", "C", "N"))
+    assert N.min() < 0 < N.max()  # both a leader and a laggard: the gain on the leader matters
+    s = np.log(L + EPS) + (1 - C) ** 2 * 3.0 * (np.maximum(N, 0) + lead * np.minimum(N, 0))
+    pihat = np.exp(s) / np.exp(s).sum()
+    assert [u[f"priority_next/r{k}"] for k in range(3)] == pytest.approx(pihat.tolist(), rel=1e-6)
+
+
+def test_need_lead_bad_value_names_the_field():
+    with pytest.raises(ValueError, match="need_lead"):
+        BalanceConfig(method="apex", need_lead=-1.0).validate()
+
 # --------------------------------------------------------------------------- FAMO
 
 

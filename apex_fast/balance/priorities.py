@@ -227,12 +227,14 @@ class P3Tracker:
         return dict(L=L, C=C, N=N, v=v, p=p, conflict_cos=cos, pi_used=o.pi, rbar=o.rbar, from_gram=source == "gram")
 
     def scores(self, L, C, N) -> torch.Tensor:
-        """s_k = a_L log(L_k + eps) + a_N N_k - lambda C_k [N_k < 0]: the conflict penalty applies only
+        """s_k = a_L log(L_k + eps) + damp_k (a_N (N_k^+ + need_lead N_k^-) + a_I I_k) - lambda C_k [N_k < 0]
+        (need_lead scales the negative need of objectives ahead of the mean). The conflict penalty applies only
         to objectives ahead of the mean progress (pushing a leader that conflicts with the others only
         costs them; penalising a lagging objective for conflicting would keep it behind)."""
         cfg, eps = self.cfg, self.cfg.eps
         damp = (1 - cfg.conflict_damping * C).clamp(0, 1) ** cfg.damping_power
-        return cfg.a_l * torch.log(L + eps) + damp * (cfg.a_n * N + cfg.a_i * self.integral) - cfg.lam * C * (N < 0).double()
+        need = N.clamp_min(0) + cfg.need_lead * N.clamp_max(0)
+        return cfg.a_l * torch.log(L + eps) + damp * (cfg.a_n * need + cfg.a_i * self.integral) - cfg.lam * C * (N < 0).double()
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
         """pihat = normalize(softmax(s / T) * w), floored at pi_min, smoothed with pi_prev (SPEC 4)."""
