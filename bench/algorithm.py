@@ -61,7 +61,7 @@ VARIANTS = {
     "apex-noN": {"a_n": 0.0},
     "apex-nodeadband": {"need_deadband": 0.0},
     "apex-an2": {"a_n": 2.0},
-    "apex+I": {"a_i": 0.05},  # integral action: accumulated need
+    "apex+I": {"a_i": 0.05},  # integral action: accumulated need (the worst-first variant)
     "apex+C": {"lam": 2.0, "conflict_source": "proxy"},
     "apex+C-gram": {"lam": 2.0, "conflict_source": "gram"},
     "apex-gram": {"conflict_source": "gram"},  # Gram cosines instead of the advantage proxy in C
@@ -70,9 +70,8 @@ VARIANTS = {
     "apex-warmup0": {"warmup_epochs": 0},
     "apex-warmup20": {"warmup_epochs": 20},
     "apex-rho0.95": {"rho": 0.95},
-    "apex-rho0.99": {"rho": 0.99},
+    "apex-rho0.98": {"rho": 0.98},  # the third revision's smoothing
     "apex-lead0.5": {"need_lead": 0.5},  # leaders ahead of the mean pushed down at half the gain
-    "apex+I-rho0.99": {"a_i": 0.05, "rho": 0.99},  # integral action with slower smoothing: the worst-first variant
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]

@@ -15,7 +15,7 @@ def test_spec_defaults():
     assert (c.beta_fast, c.beta_slow, c.delta) == (0.9, 0.95, 3.0)
     assert (c.need_lookahead, c.conflict_damping, c.damping_power, c.need_clip) == (1.0, 1.0, 2.0, 1.0)
     assert (c.learn_ratio, c.learn_after, c.spread_ratio, c.need_deadband) == (0.25, 0.2, 0.5, 0.05)
-    assert (c.a_l, c.a_n, c.a_i, c.i_clip, c.lam, c.pi_min, c.rho, c.warmup_epochs) == (1.0, 3.0, 0.0, 10.0, 0.0, 0.05, 0.98, 5)
+    assert (c.a_l, c.a_n, c.a_i, c.i_clip, c.lam, c.pi_min, c.rho, c.warmup_epochs) == (1.0, 3.0, 0.0, 10.0, 0.0, 0.05, 0.99, 5)
     assert (c.famo_lr, c.famo_decay) == (0.025, 0.001)
     assert c.cagrad_alpha == 0.5 and c.conflict_source == "auto" and c.targets is None
     c.validate()

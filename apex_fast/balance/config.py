@@ -48,7 +48,7 @@ class BalanceConfig:
     lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
     temperature: float = 1.0  # T of softmax(s / T) [design: SPEC names no value]
     pi_min: float = 0.05  # floor of every priority (objectives with weight 0 stay 0)
-    rho: float = 0.98  # smoothing pi = (1 - rho) pihat + rho pi_prev
+    rho: float = 0.99  # smoothing pi = (1 - rho) pihat + rho pi_prev
     warmup_epochs: int = 5  # epochs with fixed priorities before P^3 starts
     warmup_priority: str = "uniform"  # uniform (SPEC) | weights (the preference weights) during warm-up
     conflict_source: str = "auto"  # auto: Gram when update() gets one, else proxy | gram (required) | proxy
