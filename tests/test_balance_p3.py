@@ -220,7 +220,6 @@ def test_integral_action_accumulates_the_need():
     assert total[2] > 0  # the slow objective was behind
 
 
-
 @pytest.mark.parametrize("lead", [0.0, 0.5, 1.0])
 def test_need_lead_scales_only_the_negative_need(lead):
     """s_k = a_L log(L_k + eps) + (1 - C_k)^2 a_N (max(N_k, 0) + need_lead min(N_k, 0)): pi recomputed from
@@ -238,6 +237,7 @@ def test_need_lead_scales_only_the_negative_need(lead):
 def test_need_lead_bad_value_names_the_field():
     with pytest.raises(ValueError, match="need_lead"):
         BalanceConfig(method="apex", need_lead=-1.0).validate()
+
 
 # --------------------------------------------------------------------------- FAMO
 

@@ -74,6 +74,7 @@ WORD_SHAPE_Y = LAYOUTS[LAYOUT].shape_y  # shape centre height when a word is dra
 
 
 def layout(name: str | None = None) -> Layout:
+    """The named layout (None: the default, `LAYOUT`); an unknown name fails with the known ones."""
     if name is None:
         name = LAYOUT
     if name not in LAYOUTS:
@@ -200,5 +201,5 @@ def prompt_set(seed: int, n: int, *, word: bool = True, exclude: set[str] = froz
     return out
 
 
-__all__ = ["COLORS", "SHAPES", "POSITIONS", "WORDS", "LAYOUT", "LAYOUTS", "Layout", "layout", "Scene", "parse_prompt", "random_scene", "render",
-           "text_color", "font_path", "prompt_set"]
+__all__ = ["COLORS", "SHAPES", "POSITIONS", "WORDS", "LAYOUT", "LAYOUTS", "Layout", "layout", "Scene", "parse_prompt",
+           "random_scene", "render", "text_color", "font_path", "prompt_set"]
