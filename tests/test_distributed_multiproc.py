@@ -25,20 +25,18 @@ from apex_fast.config import load_config
 from apex_fast.train import Trainer
 
 from _multiproc import env, free_port
+from _fast import quick_run
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "apex_fast" / "train.py")
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
 # tests/test_train.py's FAST config; rewards in JSON flow style (no spaces: launchers re-split arguments)
-FAST = [
+FAST = quick_run(
     "model.pretrained=tiny-random", "data.train_prompts=ocr_train.txt", "data.eval_prompts=ocr_eval.txt",
-    "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.lr=1e-2", "train.timestep_fraction=0.5", "eval.num_steps=2",
-    "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "checkpoint.keep=5", "log.progress=false",
-    "log.tensorboard=false",
+    "sample.num_steps=4", "train.lr=1e-2", "checkpoint.keep=5",
     'rewards=[{"name":"jpeg_compressibility","weight":0.5},{"name":"colorfulness","weight":0.5}]',
-]
+)
 EPOCHS = 2
 TIMEOUT = 420
 # 1 process with micro-batch 2 == 2 processes with micro-batch 1 each: the same global micro-batches

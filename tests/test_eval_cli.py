@@ -17,16 +17,15 @@ from apex_fast.eval.grids import save_labelled_grid
 from apex_fast.train import Trainer
 from apex_fast.train import main as train_main
 
+from _fast import quick_run
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-FAST = [
-    "model.pretrained=tiny-random", "eval.images_per_prompt=1",
-    "sample.num_steps=3", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.lr=1e-2", "train.timestep_fraction=0.5",
-    "train.epochs=2", "train.ema=false", "eval.num_steps=2", "eval.num_prompts=3", "eval.every=0",
-    "checkpoint.every=1", "log.progress=false", "log.tensorboard=false",
+FAST = quick_run(
+    "model.pretrained=tiny-random", "eval.images_per_prompt=1", "sample.num_steps=3",
+    "train.micro_batch_size=2", "train.lr=1e-2", "train.epochs=2", "train.ema=false", "eval.num_prompts=3",
     "rewards=[{name: jpeg_compressibility, weight: 0.5}, {name: colorfulness, weight: 0.3}, {name: contrast, weight: 0.2}]",
-]
+)
 NAMES = ["jpeg_compressibility", "colorfulness", "contrast"]
 
 

@@ -19,19 +19,18 @@ from apex_fast.rl.sde import sde_noise_std, sde_step_with_logprob
 from apex_fast.runtime.engines import lr_schedule
 from apex_fast.train import Trainer
 
+from _fast import quick_run
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 # tests/test_train.py's FAST: 4 samples, micro-batches of 2 (2 per epoch), 4 steps, 2 trained
-FAST = [
+FAST = quick_run(
     # the random tiny model, as the other trainer-machinery tests: on the pretrained testbed some LoRA
     # gradients are near 0 and Adam turns their rounding into lr-sized differences (3.8e-3 measured)
-    "model.pretrained=tiny-random", "eval.images_per_prompt=1",
-    "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.lr=1e-2", "train.timestep_fraction=0.5",
-    "eval.num_steps=2", "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "log.progress=false",
-    "log.tensorboard=false", "log.plot=false",
+    "model.pretrained=tiny-random", "eval.images_per_prompt=1", "sample.num_steps=4",
+    "train.micro_batch_size=2", "train.lr=1e-2", "log.plot=false",
     'rewards=[{"name":"jpeg_compressibility","weight":0.5},{"name":"colorfulness","weight":0.5}]',
-]
+)
 
 
 def make_cfg(tmp_path, *extra, name="run"):

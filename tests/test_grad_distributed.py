@@ -16,20 +16,17 @@ from apex_fast.grad import sharded_gram
 from apex_fast.train import Trainer
 
 from _multiproc import env, free_port
+from _fast import quick_run
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
-FAST = [
+FAST = quick_run(
     "model.pretrained=tiny-random", "eval.images_per_prompt=1", "data.train_prompts=ocr_train.txt",
-    "data.eval_prompts=ocr_eval.txt",
-    "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.lr=1e-2", "train.timestep_fraction=0.5", "eval.num_steps=2",
-    "eval.num_prompts=2", "eval.every=0", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+    "data.eval_prompts=ocr_eval.txt", "sample.num_steps=4", "train.lr=1e-2", "checkpoint.every=0",
     "log.plot=false", "train.epochs=2", "balance.method=pcgrad", "balance.gradients=one_backward",
-    'rewards=[{"name":"jpeg_compressibility","weight":0.5},{"name":"colorfulness","weight":0.3},'
-    '{"name":"contrast","weight":0.2}]',
-]
+    'rewards=[{"name":"jpeg_compressibility","weight":0.5},{"name":"colorfulness","weight":0.3},{"name":"contrast","weight":0.2}]',
+)
 ATOL = 2e-4  # as tests/test_distributed_multiproc.py: float rounding magnified by Adam, 1 vs 2 processes
 
 GRAM_SCRIPT = """

@@ -20,14 +20,13 @@ import torch
 
 from apex_fast.checkpoint import checkpoint_dirs, load_checkpoint
 
+from _fast import quick_run
+
 ROOT = Path(__file__).resolve().parent.parent
-FAST = [
-    "sample.num_steps=3", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.timestep_fraction=0.5",
-    "eval.num_steps=2", "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "checkpoint.keep=100",
-    "log.progress=false", "log.tensorboard=false", "log.plot=false", "train.epochs=6",
+FAST = quick_run(
+    "sample.num_steps=3", "train.micro_batch_size=2", "checkpoint.keep=100", "log.plot=false", "train.epochs=6",
     "train.max_nonfinite_steps=3", 'rewards=[{"name":"jpeg_compressibility","weight":1}]',
-]
+)
 # what each (1-based) epoch's losses get; 2 optimizer steps per epoch
 PLAN = {2: "nan_loss", 4: "nan_grad", 5: "nan_loss_finite_grad"}
 POISON = textwrap.dedent("""

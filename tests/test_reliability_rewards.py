@@ -29,14 +29,13 @@ from apex_fast.rewards import (
 from apex_fast.rewards.remote import free_port
 from apex_fast.train import Trainer
 
+from _fast import quick_run
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-FAST = [
-    "sample.num_steps=3", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=4", "train.timestep_fraction=0.5",
-    "eval.num_steps=2", "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "log.progress=false",
-    "log.tensorboard=false", "log.plot=false",
-]
+FAST = quick_run(
+    "sample.num_steps=3", "train.micro_batch_size=4", "log.plot=false",
+)
 
 
 def cfg_for(tmp_path, rewards, *extra, name="run"):

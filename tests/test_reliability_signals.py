@@ -16,15 +16,14 @@ import pytest
 from apex_fast.checkpoint import checkpoint_dirs, load_checkpoint
 from apex_fast.run_folder import RunFolder
 
+from _fast import quick_run
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "apex_fast" / "train.py")
-FAST = [
-    "sample.num_steps=3", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.timestep_fraction=0.5",
-    "eval.num_steps=2", "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "checkpoint.keep=100",
-    "log.progress=false", "log.tensorboard=false", "log.plot=false", "train.epochs=100000",
-    'rewards=[{"name":"jpeg_compressibility","weight":1}]',
-]
+FAST = quick_run(
+    "sample.num_steps=3", "train.micro_batch_size=2", "checkpoint.keep=100", "log.plot=false",
+    "train.epochs=100000", 'rewards=[{"name":"jpeg_compressibility","weight":1}]',
+)
 
 
 def args(out):

@@ -14,16 +14,15 @@ from apex_fast.models import build_tiny_pipeline, lora_state_dict
 from apex_fast.rewards import register_scorer
 from apex_fast.train import Trainer, main
 
+from _fast import quick_run
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 
-FAST = [
-    "model.pretrained=tiny-random",
-    "sample.num_steps=4", "sample.group_size=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
-    "sample.max_sequence_length=8", "train.micro_batch_size=2", "train.lr=1e-2", "train.timestep_fraction=0.5",
-    "eval.num_steps=2", "eval.num_prompts=2", "eval.every=0", "checkpoint.every=1", "log.progress=false",
-    "log.tensorboard=false", "rewards=[{name: jpeg_compressibility, weight: 0.5}, {name: colorfulness, weight: 0.5}]",
-]
+FAST = quick_run(
+    "model.pretrained=tiny-random", "sample.num_steps=4", "train.micro_batch_size=2", "train.lr=1e-2",
+    "rewards=[{name: jpeg_compressibility, weight: 0.5}, {name: colorfulness, weight: 0.5}]",
+)
 
 
 def make_cfg(tmp_path, *extra, name="run"):
