@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 install: $(STAMP)
 
+# APEX on the embedded pretrained tiny SD3 (~3 min of training on 2 idle cores), into outputs/tiny_cpu_apex
 demo: $(STAMP)
-	$(PY) -m apex_fast.train --config configs/tiny_cpu.yaml --new-run
+	$(PY) -m apex_fast.train --config configs/tiny_cpu_apex.yaml --new-run
 
+# the same config with the static weighted sum and with APEX, one table
 demo-apex: $(STAMP)
-	$(PY) -m bench.compare_methods --config configs/tiny_cpu.yaml --methods static apex
+	$(PY) -m bench.compare_methods --config configs/tiny_cpu_apex.yaml --methods static apex
 
 demo-dpo: $(STAMP)
 	$(PY) -m bench.compare_dpo_labels --config configs/tiny_dpo.yaml --labels balanced_vote vanilla_sum single
