@@ -234,9 +234,9 @@ def build_parser(prog: str = "apex-fast eval") -> argparse.ArgumentParser:
                     "writes a report folder (report.md, PNG plots, labelled image grids). Results are cached per "
                     "(weights, prompt set, seed): a re-run is instant and a new checkpoint costs only itself."),
         epilog="examples:\n"
-               "  apex-fast eval --run outputs/tiny_cpu\n"
-               "  apex-fast eval --run outputs/tiny_cpu_static --run outputs/tiny_cpu_apex --out outputs/compare\n"
-               "  apex-fast eval --lora outputs/tiny_cpu/lora --model tiny --rewards colorfulness,contrast\n"
+               "  apex-fast eval --run outputs/tiny_cpu_apex\n"
+               "  apex-fast eval --run outputs/tiny_cpu_apex_static --run outputs/tiny_cpu_apex_apex --out outputs/compare\n"
+               "  apex-fast eval --lora outputs/tiny_cpu_apex/lora --model tiny --rewards colorfulness,contrast\n"
                "  apex-fast eval --run outputs/sd35m --rewards pickscore,aesthetic --num-prompts 64 --device cuda\n\n"
                + _wrap("Settings not given come from the (first) run's config.yaml: model, eval prompts "
                        "(data.eval_prompts, eval.num_prompts), eval.images_per_prompt, eval.seed, eval.num_steps, "
