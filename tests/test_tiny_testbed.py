@@ -181,7 +181,7 @@ def test_demo_learning_direction_on_one_objective(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("APEX_FAST_LONG_TESTS") != "1",
-                    reason="about 9 min on one idle core (6 runs of 16 epochs); set APEX_FAST_LONG_TESTS=1")
+                    reason="about 10 min on one core (6 runs of 16 epochs); set APEX_FAST_LONG_TESTS=1")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_demo_learning_follows_the_reward_sign(tmp_path, seed):
     """The seed-robust learning direction, at the demo's own settings (too slow for CI): 16 epochs of the
