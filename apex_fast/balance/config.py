@@ -34,6 +34,7 @@ class BalanceConfig:
     need_deadband: float = 0.05  # gaps below this many base stds are batch noise: N_k = sign(g) max(|g| - deadband, 0)
     need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
     learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
+    learn_conflict: float = 1.0  # the learn_ratio threshold shrinks by (1 - learn_conflict * C_k) (0: off)
     learn_after: float = 0.2  # ... once the mean progress exceeds this many base stds
     # saturation: GRPO learns only from in-group spread; an objective whose median in-group std fell to a
     # small fraction of its baseline, relative to the others, has (almost) nothing left to learn
@@ -94,7 +95,7 @@ class BalanceConfig:
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
-        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "spread_ratio", "need_deadband",
+        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "learn_conflict", "spread_ratio", "need_deadband",
                   "a_l", "a_n", "need_lead", "a_i", "i_clip", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")

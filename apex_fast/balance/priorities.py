@@ -186,12 +186,25 @@ class P3Tracker:
         active = (self.weights > 0) & init
         wa = torch.where(active, self.weights, torch.zeros_like(self.weights))
         pbar = float((wa * p).sum() / wa.sum()) if bool(active.any()) else 0.0
-        # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
-        # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted
-        if pbar > cfg.learn_after and cfg.learn_ratio > 0:
-            L = (p / (cfg.learn_ratio * pbar)).clamp(0, 1)
+        # conflict C_k (before L: the learnability reads it)
+        if source == "hold":
+            cos = torch.full_like(p, float("nan"))
+            C = torch.where(torch.isfinite(self.conflict), self.conflict, torch.zeros_like(p))
         else:
-            L = torch.ones_like(p)
+            cos = conflict_from_gram(gram, o.pi) if source == "gram" else o.proxy
+            raw = (-cos).clamp_min(0)
+            bc = cfg.beta_conflict
+            self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
+            C = self.conflict.clone()
+        # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
+        # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted. Conflict
+        # holds an objective back too: the threshold shrinks by (1 - learn_conflict C_k), so a stall that the
+        # conflict explains is not read as unlearnable (k2_conflict: it starved the small objective)
+        L = torch.ones_like(p)
+        if pbar > cfg.learn_after and cfg.learn_ratio > 0:
+            thr = cfg.learn_ratio * (1 - cfg.learn_conflict * C).clamp(0, 1) * pbar
+            # C_k = 1 (total conflict): no threshold left, only a negative progress reads as unlearnable
+            L = torch.where(thr > 0, (p / thr.clamp_min(1e-300)).clamp(0, 1), (p >= 0).double())
         # saturation: GRPO learns only from in-group differences; an objective whose median in-group std fell
         # far more than the others' (z_k = sbar_k / sbar0_k below spread_ratio x the weighted mean) is flat
         # where the policy samples: pushing it takes priority from objectives that can still move
@@ -213,16 +226,6 @@ class P3Tracker:
         N = torch.where(active, gap.clamp(-cfg.need_clip, cfg.need_clip), torch.zeros_like(p))
         if self.epoch >= cfg.warmup_epochs:
             self.integral = (self.integral + N).clamp(-cfg.i_clip, cfg.i_clip)
-        # conflict penalty
-        if source == "hold":
-            cos = torch.full_like(L, float("nan"))
-            C = torch.where(torch.isfinite(self.conflict), self.conflict, torch.zeros_like(L))
-        else:
-            cos = conflict_from_gram(gram, o.pi) if source == "gram" else o.proxy
-            raw = (-cos).clamp_min(0)
-            bc = cfg.beta_conflict
-            self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
-            C = self.conflict.clone()
         self.epoch += 1
         return dict(L=L, C=C, N=N, v=v, p=p, conflict_cos=cos, pi_used=o.pi, rbar=o.rbar, from_gram=source == "gram")
 
