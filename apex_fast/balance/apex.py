@@ -48,11 +48,16 @@ class APEX(Balancer):
         _, count, _, std = group_stats(R, group_ids)
         sbar = self.p3.sbar_estimate(count, std)
         floor = self._floor(sbar)
+        c = self.p3.coefficients(self.pi)  # pi, or pi tilted by the min-norm weights (min_norm_base)
         A, Ahat, _ = dual_stage_advantages(
-            R, group_ids, self.pi.float().to(R.device), std_floor=floor.float().to(R.device),
+            R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
         stats = self._common_stats(R, group_ids, A, Ahat)
-        stats.update(self._observe(R, group_ids, Ahat, self.pi, count, std, sbar))
+        stats.update(self._observe(R, group_ids, Ahat, c, count, std, sbar))
+        if self.cfg.min_norm_base:
+            stats.update(self._vec("coef", c))
+            stats.update(self._vec("priority", self.pi))
+            stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
     def _after_step(self, res, M):
