@@ -25,6 +25,9 @@ class APEX(Balancer):
     Conflict penalty: with ``conflict_source`` auto (default) it uses the Gram passed to
     ``update(gram=M)`` when there is one, else the advantage-correlation proxy; ``gram`` requires a
     Gram (``wants_gram`` is then True), ``proxy`` never uses one.
+
+    ``min_norm_base`` (opt-in): stage 2 combines with ``floor(normalize(pi * lambda))``, lambda the
+    min-norm weights of an EMA of the Gram from the same source (the real one, or ``Ahat^T Ahat / N``).
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):

@@ -7,7 +7,10 @@ visible for every method) and APEX uses to set its priorities. The flow per epoc
                    (calling advantages() twice in one epoch does not double-count anything)
     step(gram, pi) inside Balancer.update(): commits the cache into the EMAs, returns L, C, N
 
-State is float64 CPU tensors (NaN = "not seen yet") plus a python int epoch.
+With ``min_norm_base`` it also keeps an EMA of the scale-normalised Gram and its min-norm (MGDA) weights
+``base``; ``coefficients(pi)`` turns the priorities into stage 2's combination weights.
+
+State is float64 CPU tensors (NaN = "not seen yet", ``gram_ema`` [K, K]) plus a python int epoch.
 """
 from __future__ import annotations
 
