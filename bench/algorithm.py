@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/algorithm.py                         # every shipped scenario + ablations
     OMP_NUM_THREADS=1 python bench/algorithm.py --scenario bench/scenarios/k6.yaml --methods apex,gdpo,mgda
     OMP_NUM_THREADS=1 python bench/algorithm.py --quick                 # 3 seeds x 40 epochs smoke run
+    OMP_NUM_THREADS=1 python bench/algorithm.py --scenario paper_jitter --methods apex+mn-gram --merge  # add to the saved results
 
 Not a test: CPU-only toys described by scenario files (bench/scenario.py documents the schema and the
 toy), trained with Flow-GRPO's clipped loss (SPEC 1: clip range 0.02, KL to the initial policy with
@@ -406,9 +407,32 @@ def render(blob: dict, meta: dict) -> str:
         report.append(f"### scenario `{name}`: {b.get('description', '')}\n\n{b['seeds']} seeds x {b['epochs']} epochs, "
                       f"weights {[round(x, 3) for x in b['weights']]}{', paper-shaped' if b['paper_shaped'] else ''}."
                       f"\n\n" + markdown_table(b["names"], b["summary"], b.get("methods", list(b["runs"]))))
+    merged = "".join(f"Merged into it: `{c}`\n" for c in meta.get("merged", []))
     return (head + "#### Acceptance criteria\n\n" + "\n".join(lines) + "\n\n" + "\n".join(report)
             + f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} ({meta['processor']}), "
-            f"{meta['cpu_threads']} thread, load {meta['load_avg']}\n")
+            f"{meta['cpu_threads']} thread, load {meta['load_avg']}\n" + merged)
+
+
+def merge_into(path: Path, blob: dict, meta: dict) -> tuple[dict, dict]:
+    """The saved results of ``path`` with the runs of ``blob`` added (per scenario, same seeds and epochs;
+    a method run again replaces its old runs); the merge command is recorded in meta["merged"]."""
+    if not path.exists():
+        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
+    data = json.loads(path.read_text())
+    old_meta = data.pop("meta")
+    for name, b in blob.items():
+        if name not in data:
+            data[name] = b
+            continue
+        d = data[name]
+        if (d["seeds"], d["epochs"]) != (b["seeds"], b["epochs"]):
+            raise SystemExit(f"--merge: scenario {name!r} has {d['seeds']} seeds x {d['epochs']} epochs in {path}, "
+                             f"this run {b['seeds']} x {b['epochs']}; use --seeds/--epochs to match")
+        d["runs"].update(b["runs"])
+        d["methods"] = list(d.get("methods", list(d["runs"]))) + [m for m in b["methods"] if m not in d.get("methods", [])]
+        d["summary"] = summarise(d["runs"])
+    old_meta.setdefault("merged", []).append(f"{meta['command']} ({meta['seconds']} s)")
+    return data, old_meta
 
 
 def rerender(path: Path) -> None:
@@ -440,6 +464,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="3 seeds x 40 epochs (smoke run), writes *_quick files")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--render", metavar="JSON", help="only rebuild algorithm.md and the summary plot from a saved JSON")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these methods' runs to the scenarios of the existing <out>/algorithm.json (same seeds "
+                         "and epochs) and re-render it, instead of replacing it; the per-scenario plots are kept")
     args = ap.parse_args(argv)
     if args.render:
         return rerender(Path(args.render))
@@ -478,19 +505,22 @@ def main(argv=None) -> None:
                          "runs": {m: {k: v for k, v in r.items() if k not in ("curve", "trace")} for m, r in res.items()},
                          "apex_trace_mean": {k: np.nanmean(np.array(v), 0).tolist()
                                              for k, v in res.get("apex", {}).get("trace", {}).items()}}
-        plot_study(sc, res, out / f"algorithm{suffix}_{sc.name}.png", args.eval_every)
+        if not args.merge:
+            plot_study(sc, res, out / f"algorithm{suffix}_{sc.name}.png", args.eval_every)
     meta = dict(command="OMP_NUM_THREADS=1 python bench/algorithm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 seconds=round(time.time() - t0, 1), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    if args.merge:
+        blob, meta = merge_into(out / f"algorithm{suffix}.json", blob, meta)
     md = render(blob, meta)
     print(md)
     (out / f"algorithm{suffix}.json").write_text(json.dumps({"meta": meta, **blob}, indent=1))
     (out / f"algorithm{suffix}.md").write_text(md)
     if len(blob) > 1:
         plot_summary(blob, out / f"algorithm{suffix}.png")
-    print(f"wrote {out}/algorithm{suffix}.json/.md/.png in {meta['seconds']}s")
+    print(f"wrote {out}/algorithm{suffix}.json/.md/.png in {round(time.time() - t0, 1)}s")
 
 
 if __name__ == "__main__":
