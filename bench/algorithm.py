@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/algorithm.py                         # every shipped scenario + ablations
     OMP_NUM_THREADS=1 python bench/algorithm.py --scenario bench/scenarios/k6.yaml --methods apex,gdpo,mgda
     OMP_NUM_THREADS=1 python bench/algorithm.py --quick                 # 3 seeds x 40 epochs smoke run
+    OMP_NUM_THREADS=1 python bench/algorithm.py --scenario paper_jitter --methods apex+mn-gram --merge  # add to the saved results
 
 Not a test: CPU-only toys described by scenario files (bench/scenario.py documents the schema and the
 toy), trained with Flow-GRPO's clipped loss (SPEC 1: clip range 0.02, KL to the initial policy with
@@ -72,8 +73,13 @@ VARIANTS = {
     "apex-rho0.95": {"rho": 0.95},
     "apex-rho0.98": {"rho": 0.98},  # the third revision's smoothing
     "apex-lead0.5": {"need_lead": 0.5},  # leaders ahead of the mean pushed down at half the gain
+    "apex-nolearnconf": {"learn_conflict": 0.0},  # learnability blind to conflict (the fourth revision)
+    "apex+mn-gram": {"min_norm_base": True, "conflict_source": "gram"},  # P^3 tilts the min-norm weights (real Gram)
+    "apex+mn-proxy": {"min_norm_base": True, "conflict_source": "proxy"},  # ... of the advantage Gram Ahat^T Ahat / N
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
+# opt-in variants whose acceptance checks algorithm.md also lists
+OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
@@ -237,19 +243,25 @@ def summarise(res: dict) -> dict:
         row["effective_share"] = np.mean(r["effective_share"], 0).tolist()
         out[m] = row
     if "apex" in res:
-        cmp = {}
-        for m in res:
-            if m == "apex":
-                continue
-            c = {}
-            for key in ("worst", "hypervolume"):
-                dm, ds = paired(res["apex"][key], res[m][key])
-                c[key] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
-            dm, ds = paired(res[m]["oscillation"], res["apex"]["oscillation"])  # positive: APEX oscillates less
-            c["oscillation"] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
-            cmp[m] = c
-        out["_apex_vs"] = cmp
+        out["_apex_vs"] = versus(res, "apex")
     return out
+
+
+def versus(res: dict, method: str) -> dict:
+    """Paired comparisons of ``method`` with every other method of ``res`` (per-seed runs): worst and HV
+    as method - other, oscillation as other - method (positive: ``method`` oscillates less)."""
+    cmp = {}
+    for m in res:
+        if m == method:
+            continue
+        c = {}
+        for key in ("worst", "hypervolume"):
+            dm, ds = paired(res[method][key], res[m][key])
+            c[key] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
+        dm, ds = paired(res[m]["oscillation"], res[method]["oscillation"])
+        c["oscillation"] = {"diff": dm, "se": ds, "verdict": verdict(dm, ds)}
+        cmp[m] = c
+    return cmp
 
 
 def markdown_table(names: list[str], summ: dict, methods: list[str]) -> str:
@@ -344,15 +356,15 @@ def plot_summary(blob: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def criteria(blob: dict) -> list[dict]:
-    """The acceptance criteria of issue 17, per scenario: APEX's worst and HV at least every baseline's
-    within 1 SE (paired), above static and gdpo by > 2 SE on paper-shaped scenarios, oscillation no
-    more than gdpo's (within 1 SE)."""
+def criteria(blob: dict, method: str = "apex") -> list[dict]:
+    """The acceptance criteria of issue 17, per scenario: the method's (APEX's) worst and HV at least every
+    baseline's within 1 SE (paired), above static and gdpo by > 2 SE on paper-shaped scenarios,
+    oscillation no more than gdpo's (within 1 SE). Scenarios where the method did not run are skipped."""
     rows = []
     for name, b in blob.items():
-        cmp = b["summary"].get("_apex_vs")
-        if not cmp:
+        if method not in b["runs"]:
             continue
+        cmp = versus(b["runs"], method)
         base = [m for m in BASELINES if m in cmp]
         row = {"scenario": name, "paper_shaped": b["paper_shaped"]}
         for key in ("worst", "hypervolume"):
@@ -371,25 +383,56 @@ def render(blob: dict, meta: dict) -> str:
             "|effective share - weight| (last 10 epochs). osc: movement later undone (lower is better). "
             "APEX diff: paired difference APEX - method over seeds ± SE (osc: method - APEX, so positive is "
             "better for APEX everywhere); win > 2 SE, tie >= -1 SE, else loss.\n\n")
-    lines = ["| scenario | APEX worst/HV below a baseline by > 1 SE | beats static and gdpo by > 2 SE (paper-shaped) "
-             "| osc gdpo - APEX |", "|---|---|---|---|"]
-    for r in criteria(blob):
-        below = sorted(set(r["worst_not_below"]) | set(r["hypervolume_not_below"]))
-        detail = ", ".join(f"{m} ({'worst' if m in r['worst_not_below'] else ''}"
-                           f"{'+' if m in r['worst_not_below'] and m in r['hypervolume_not_below'] else ''}"
-                           f"{'HV' if m in r['hypervolume_not_below'] else ''})" for m in below) or "none"
-        pw = "n/a" if r["paper_wins"] is None else ("yes" if r["paper_wins"] else "no")
-        o = r["osc_vs_gdpo"]
-        lines.append(f"| {r['scenario']} | {detail} | {pw} | {o['diff']:+.3f} ± {o['se']:.3f} {o['verdict']} |"
-                     if o else f"| {r['scenario']} | {detail} | {pw} | |")
+    def table(method: str, label: str) -> list[str]:
+        lines = [f"| scenario | {label} worst/HV below a baseline by > 1 SE | beats static and gdpo by > 2 SE "
+                 f"(paper-shaped) | osc gdpo - {label} |", "|---|---|---|---|"]
+        for r in criteria(blob, method):
+            below = sorted(set(r["worst_not_below"]) | set(r["hypervolume_not_below"]))
+            detail = ", ".join(f"{m} ({'worst' if m in r['worst_not_below'] else ''}"
+                               f"{'+' if m in r['worst_not_below'] and m in r['hypervolume_not_below'] else ''}"
+                               f"{'HV' if m in r['hypervolume_not_below'] else ''})" for m in below) or "none"
+            pw = "n/a" if r["paper_wins"] is None else ("yes" if r["paper_wins"] else "no")
+            o = r["osc_vs_gdpo"]
+            lines.append(f"| {r['scenario']} | {detail} | {pw} | {o['diff']:+.3f} ± {o['se']:.3f} {o['verdict']} |"
+                         if o else f"| {r['scenario']} | {detail} | {pw} | |")
+        return lines
+
+    lines = table("apex", "APEX")
+    for variant, what in OPT_IN.items():
+        if criteria(blob, variant):
+            lines += ["", f"The same checks for the opt-in `{variant}` ({what}), on the scenarios it ran on:", ""]
+            lines += table(variant, variant)
     report = []
     for name, b in blob.items():
         report.append(f"### scenario `{name}`: {b.get('description', '')}\n\n{b['seeds']} seeds x {b['epochs']} epochs, "
                       f"weights {[round(x, 3) for x in b['weights']]}{', paper-shaped' if b['paper_shaped'] else ''}."
                       f"\n\n" + markdown_table(b["names"], b["summary"], b.get("methods", list(b["runs"]))))
+    merged = "".join(f"Merged into it: `{c}`\n" for c in meta.get("merged", []))
     return (head + "#### Acceptance criteria\n\n" + "\n".join(lines) + "\n\n" + "\n".join(report)
             + f"\n`{meta['command']}`: {meta['seconds']} s on {meta['machine']} ({meta['processor']}), "
-            f"{meta['cpu_threads']} thread, load {meta['load_avg']}\n")
+            f"{meta['cpu_threads']} thread, load {meta['load_avg']}\n" + merged)
+
+
+def merge_into(path: Path, blob: dict, meta: dict) -> tuple[dict, dict]:
+    """The saved results of ``path`` with the runs of ``blob`` added (per scenario, same seeds and epochs;
+    a method run again replaces its old runs); the merge command is recorded in meta["merged"]."""
+    if not path.exists():
+        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
+    data = json.loads(path.read_text())
+    old_meta = data.pop("meta")
+    for name, b in blob.items():
+        if name not in data:
+            data[name] = b
+            continue
+        d = data[name]
+        if (d["seeds"], d["epochs"]) != (b["seeds"], b["epochs"]):
+            raise SystemExit(f"--merge: scenario {name!r} has {d['seeds']} seeds x {d['epochs']} epochs in {path}, "
+                             f"this run {b['seeds']} x {b['epochs']}; use --seeds/--epochs to match")
+        d["runs"].update(b["runs"])
+        d["methods"] = list(d.get("methods", list(d["runs"]))) + [m for m in b["methods"] if m not in d.get("methods", [])]
+        d["summary"] = summarise(d["runs"])
+    old_meta.setdefault("merged", []).append(f"{meta['command']} ({meta['seconds']} s)")
+    return data, old_meta
 
 
 def rerender(path: Path) -> None:
@@ -421,6 +464,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="3 seeds x 40 epochs (smoke run), writes *_quick files")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--render", metavar="JSON", help="only rebuild algorithm.md and the summary plot from a saved JSON")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these methods' runs to the scenarios of the existing <out>/algorithm.json (same seeds "
+                         "and epochs) and re-render it, instead of replacing it; the per-scenario plots are kept")
     args = ap.parse_args(argv)
     if args.render:
         return rerender(Path(args.render))
@@ -459,19 +505,22 @@ def main(argv=None) -> None:
                          "runs": {m: {k: v for k, v in r.items() if k not in ("curve", "trace")} for m, r in res.items()},
                          "apex_trace_mean": {k: np.nanmean(np.array(v), 0).tolist()
                                              for k, v in res.get("apex", {}).get("trace", {}).items()}}
-        plot_study(sc, res, out / f"algorithm{suffix}_{sc.name}.png", args.eval_every)
+        if not args.merge:
+            plot_study(sc, res, out / f"algorithm{suffix}_{sc.name}.png", args.eval_every)
     meta = dict(command="OMP_NUM_THREADS=1 python bench/algorithm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 seconds=round(time.time() - t0, 1), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    if args.merge:
+        blob, meta = merge_into(out / f"algorithm{suffix}.json", blob, meta)
     md = render(blob, meta)
     print(md)
     (out / f"algorithm{suffix}.json").write_text(json.dumps({"meta": meta, **blob}, indent=1))
     (out / f"algorithm{suffix}.md").write_text(md)
     if len(blob) > 1:
         plot_summary(blob, out / f"algorithm{suffix}.png")
-    print(f"wrote {out}/algorithm{suffix}.json/.md/.png in {meta['seconds']}s")
+    print(f"wrote {out}/algorithm{suffix}.json/.md/.png in {round(time.time() - t0, 1)}s")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,51 @@ def test_run_scenario_smoke_and_deterministic(method):
     assert all(math.isfinite(x) for x in a["worst"] + a["hypervolume"] + a["oscillation"])
     assert all(r[3] == 0.0 for r in a["improvement"])  # the noise objective never improves
     assert len(a["trace"]["priority"][0]) == 4
+
+
+def test_acceptance_checks_hand_computed_for_any_method():
+    """criteria(blob, method): a baseline the method trails by more than 1 SE (paired) is listed, one it
+    ties is not; the paper-shaped win needs > 2 SE over static and gdpo; scenarios without the method
+    are skipped."""
+    def run(worst, hv, osc):
+        return {"worst": worst, "hypervolume": hv, "oscillation": osc}
+
+    seeds = 4
+    base = [0.5, 0.6, 0.7, 0.8]
+    runs = {
+        "static": run([x - 0.5 for x in base], [0.1] * seeds, [0.1] * seeds),
+        "gdpo": run([x - 0.2 for x in base], [x - 0.3 for x in base], [0.1] * seeds),
+        "mgda": run([x + 0.1 for x in base], [x + 0.0 for x in base], [0.2] * seeds),
+        "cand": run(base, [b + d for b, d in zip(base, [0.01, -0.01, 0.02, -0.02])], [0.1, 0.11, 0.09, 0.1]),
+    }
+    blob = {"s": {"runs": runs, "paper_shaped": True}, "other": {"runs": {"gdpo": runs["gdpo"]}, "paper_shaped": False}}
+    rows = alg.criteria(blob, "cand")
+    assert [r["scenario"] for r in rows] == ["s"]
+    r = rows[0]
+    assert r["worst_not_below"] == ["mgda"]  # -0.1 exactly every seed: below by more than 1 SE
+    assert r["hypervolume_not_below"] == []  # mgda's HV equals base: a tie within 1 SE
+    assert r["paper_wins"] is True  # worst +0.2 / +0.5 and HV about +0.3 / +0.55 over gdpo / static, every seed
+    assert r["osc_vs_gdpo"]["verdict"] == "tie" and abs(r["osc_vs_gdpo"]["diff"]) < 1e-12
+
+
+def test_merge_adds_runs_and_refuses_other_seed_counts(tmp_path):
+    """--merge: new methods' runs join the saved scenario (summary recomputed, command recorded); a run
+    with another seed count is refused with a message naming the scenario."""
+    import json
+
+    def run(w):
+        return {"worst": w, "hypervolume": [max(x, 0) for x in w], "oscillation": [0.1] * len(w),
+                "improvement": [[x] for x in w], "effective_share": [[1.0]] * len(w), "share_dev": [0.0] * len(w)}
+
+    saved = {"meta": {"command": "first", "seconds": 1.0}, "s": {"seeds": 2, "epochs": 3, "methods": ["gdpo"],
+                                                                  "runs": {"gdpo": run([0.1, 0.2])}}}
+    path = tmp_path / "algorithm.json"
+    path.write_text(json.dumps(saved))
+    blob = {"s": {"seeds": 2, "epochs": 3, "methods": ["apex"], "runs": {"apex": run([0.3, 0.5])}}}
+    data, meta = alg.merge_into(path, blob, {"command": "second", "seconds": 2.0})
+    assert data["s"]["methods"] == ["gdpo", "apex"] and set(data["s"]["runs"]) == {"gdpo", "apex"}
+    assert data["s"]["summary"]["_apex_vs"]["gdpo"]["worst"]["diff"] == pytest.approx(0.25)
+    assert meta["command"] == "first" and meta["merged"] == ["second (2.0 s)"]
+    bad = {"s": {"seeds": 3, "epochs": 3, "methods": ["apex"], "runs": {"apex": run([0.3, 0.5, 0.1])}}}
+    with pytest.raises(SystemExit, match="'s' has 2 seeds"):
+        alg.merge_into(path, bad, {"command": "third", "seconds": 1.0})

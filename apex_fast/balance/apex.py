@@ -25,6 +25,9 @@ class APEX(Balancer):
     Conflict penalty: with ``conflict_source`` auto (default) it uses the Gram passed to
     ``update(gram=M)`` when there is one, else the advantage-correlation proxy; ``gram`` requires a
     Gram (``wants_gram`` is then True), ``proxy`` never uses one.
+
+    ``min_norm_base`` (opt-in): stage 2 combines with ``floor(normalize(pi * lambda))``, lambda the
+    min-norm weights of an EMA of the Gram from the same source (the real one, or ``Ahat^T Ahat / N``).
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):
@@ -48,11 +51,16 @@ class APEX(Balancer):
         _, count, _, std = group_stats(R, group_ids)
         sbar = self.p3.sbar_estimate(count, std)
         floor = self._floor(sbar)
+        c = self.p3.coefficients(self.pi)  # pi, or pi tilted by the min-norm weights (min_norm_base)
         A, Ahat, _ = dual_stage_advantages(
-            R, group_ids, self.pi.float().to(R.device), std_floor=floor.float().to(R.device),
+            R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
         stats = self._common_stats(R, group_ids, A, Ahat)
-        stats.update(self._observe(R, group_ids, Ahat, self.pi, count, std, sbar))
+        stats.update(self._observe(R, group_ids, Ahat, c, count, std, sbar))
+        if self.cfg.min_norm_base:
+            stats.update(self._vec("coef", c))
+            stats.update(self._vec("priority", self.pi))
+            stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
     def _after_step(self, res, M):

@@ -159,8 +159,12 @@ class Balancer:
             if sorted(names) != sorted(self.names):
                 raise ValueError(f"balancer state is for rewards {list(names)}, this balancer has {self.names}")
             order = torch.tensor([list(names).index(n) for n in self.names])
-            state = {k: (v[order] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.K else v)
-                     for k, v in state.items()}
+            def permute(v):
+                if not (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.K):
+                    return v
+                v = v[order]
+                return v[:, order] if v.dim() == 2 and v.shape[1] == self.K else v  # a [K, K] Gram: both axes
+            state = {k: permute(v) for k, v in state.items()}
         self._load_state(state)
 
     def _load_state(self, state: dict) -> None:

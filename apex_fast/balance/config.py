@@ -34,6 +34,7 @@ class BalanceConfig:
     need_deadband: float = 0.05  # gaps below this many base stds are batch noise: N_k = sign(g) max(|g| - deadband, 0)
     need_clip: float = 1.0  # progress need N_k = clip(mean progress - p_k, +-need_clip), in base stds
     learn_ratio: float = 0.25  # L_k = clip(p_k / (learn_ratio * mean progress), 0, 1) (0 disables)
+    learn_conflict: float = 1.0  # the learn_ratio threshold shrinks by (1 - learn_conflict * C_k) (0: off)
     learn_after: float = 0.2  # ... once the mean progress exceeds this many base stds
     # saturation: GRPO learns only from in-group spread; an objective whose median in-group std fell to a
     # small fraction of its baseline, relative to the others, has (almost) nothing left to learn
@@ -52,6 +53,10 @@ class BalanceConfig:
     warmup_epochs: int = 5  # epochs with fixed priorities before P^3 starts
     warmup_priority: str = "uniform"  # uniform (SPEC) | weights (the preference weights) during warm-up
     conflict_source: str = "auto"  # auto: Gram when update() gets one, else proxy | gram (required) | proxy
+    # opt-in: stage 2 uses c = floor(normalize(pi * lambda)), lambda the min-norm (MGDA) weights of an EMA (beta_gram)
+    # of the scale-normalised Gram (from the source conflict_source picks: the real Gram or the advantage proxy)
+    min_norm_base: bool = False  # P^3 tilts the min-norm combination instead of the preference weights
+    beta_gram: float = 0.98  # EMA decay of the normalised Gram behind the min-norm base
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
     famo_lr: float = 0.025  # beta, step size of FAMO's logits (FAMO's default)
@@ -89,12 +94,12 @@ class BalanceConfig:
         need(number("eps") > 0, "eps", f"must be > 0, got {self.eps}")
         need(number("adv_clip") > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
         need(number("kappa") >= 0, "kappa", f"must be >= 0 (0 disables the std floor), got {self.kappa}")
-        for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict"):
+        for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict", "beta_gram"):
             need(0 <= number(f) < 1, f, f"is an EMA decay and must be in [0, 1), got {getattr(self, f)}")
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
-        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "spread_ratio", "need_deadband",
+        for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "learn_conflict", "spread_ratio", "need_deadband",
                   "a_l", "a_n", "need_lead", "a_i", "i_clip", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -109,6 +114,8 @@ class BalanceConfig:
              f"must be one of {', '.join(CONFLICT_SOURCES)}, got {self.conflict_source!r}")
         need(isinstance(self.pcgrad_seed, int) and not isinstance(self.pcgrad_seed, bool), "pcgrad_seed",
              f"must be an integer, got {self.pcgrad_seed!r}")
+        need(isinstance(self.min_norm_base, bool), "min_norm_base",
+             f"must be true or false, got {self.min_norm_base!r}")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")

@@ -7,14 +7,19 @@ visible for every method) and APEX uses to set its priorities. The flow per epoc
                    (calling advantages() twice in one epoch does not double-count anything)
     step(gram, pi) inside Balancer.update(): commits the cache into the EMAs, returns L, C, N
 
-State is float64 CPU tensors (NaN = "not seen yet") plus a python int epoch.
+With ``min_norm_base`` it also keeps an EMA of the scale-normalised Gram and its min-norm (MGDA) weights
+``base``; ``coefficients(pi)`` turns the priorities into stage 2's combination weights.
+
+State is float64 CPU tensors (NaN = "not seen yet", ``gram_ema`` [K, K]) plus a python int epoch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .aggregators import mgda_coefficients
 from .config import BalanceConfig
 
 
@@ -74,6 +79,26 @@ def floor_simplex(p: torch.Tensor, pi_min: float, active: torch.Tensor) -> torch
     return p
 
 
+def advantage_gram(Ahat: torch.Tensor) -> torch.Tensor:
+    """Ahat^T Ahat / N [K, K] float64 CPU: the Gram of the per-objective gradients when the per-sample
+    score gradients are orthogonal and of equal norm (the cheap stand-in for J J^T)."""
+    X = Ahat.double()
+    return (X.T @ X / max(X.shape[0], 1)).cpu()
+
+
+def min_norm_weights(G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """MGDA's min-norm weights over the active objectives of the Gram G [K] (0 for the inactive ones;
+    uniform over them when G carries nothing finite)."""
+    idx = active.nonzero().flatten()
+    lam = torch.zeros(G.shape[0], dtype=torch.float64)
+    sub = G.double()[idx][:, idx]
+    if not bool(torch.isfinite(sub).all()):
+        lam[idx] = 1.0 / idx.numel()
+        return lam
+    lam[idx] = mgda_coefficients(sub).double()
+    return lam
+
+
 @dataclass
 class Observation:
     """This epoch's statistics (the cache between advantages() and update())."""
@@ -85,6 +110,7 @@ class Observation:
     floor: torch.Tensor  # [K] kappa * sbar used for these advantages (0 where unknown)
     proxy: torch.Tensor  # [K] advantage-correlation proxy cos (Pearson), with pi
     pi: torch.Tensor  # [K] the priorities / effective weights used for these advantages
+    gram_proxy: torch.Tensor | None = None  # [K, K] advantage_gram(Ahat)
 
 
 class P3Tracker:
@@ -104,6 +130,9 @@ class P3Tracker:
         self.ema_slow = nan.clone()
         self.conflict = nan.clone()
         self.integral = torch.zeros(self.K, dtype=torch.float64)  # accumulated need (after warm-up)
+        self.gram_ema = torch.full((self.K, self.K), float("nan"), dtype=torch.float64)  # min_norm_base only
+        active = (self.weights > 0).double()
+        self.base = active / active.sum()  # min-norm weights lambda (uniform until a Gram was seen)
         self.cache: Observation | None = None
 
     @property
@@ -140,6 +169,7 @@ class P3Tracker:
         obs = Observation(
             rbar=rbar.cpu(), bstd=var.sqrt().cpu(), usable=usable.cpu(), sbar=sbar.clone(),
             floor=floor.double().cpu(), proxy=conflict_proxy(Ahat, pi), pi=pi.double().cpu().clone(),
+            gram_proxy=advantage_gram(Ahat),
         )
         self.cache = obs
         return obs
@@ -186,12 +216,27 @@ class P3Tracker:
         active = (self.weights > 0) & init
         wa = torch.where(active, self.weights, torch.zeros_like(self.weights))
         pbar = float((wa * p).sum() / wa.sum()) if bool(active.any()) else 0.0
-        # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
-        # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted
-        if pbar > cfg.learn_after and cfg.learn_ratio > 0:
-            L = (p / (cfg.learn_ratio * pbar)).clamp(0, 1)
+        # conflict C_k (before L: the learnability reads it)
+        if source == "hold":
+            cos = torch.full_like(p, float("nan"))
+            C = torch.where(torch.isfinite(self.conflict), self.conflict, torch.zeros_like(p))
         else:
-            L = torch.ones_like(p)
+            cos = conflict_from_gram(gram, o.pi) if source == "gram" else o.proxy
+            raw = (-cos).clamp_min(0)
+            bc = cfg.beta_conflict
+            self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
+            C = self.conflict.clone()
+        if cfg.min_norm_base and source != "hold":
+            self._update_base(gram if source == "gram" else o.gram_proxy)
+        # learning potential: an objective that has made less than learn_ratio of the mean progress (once the
+        # mean progress exceeds learn_after) is not (yet) learnable in proportion: pushing it is wasted. Conflict
+        # holds an objective back too: the threshold shrinks by (1 - learn_conflict C_k), so a stall that the
+        # conflict explains is not read as unlearnable (k2_conflict: it starved the small objective)
+        L = torch.ones_like(p)
+        if pbar > cfg.learn_after and cfg.learn_ratio > 0:
+            thr = cfg.learn_ratio * (1 - cfg.learn_conflict * C).clamp(0, 1) * pbar
+            # C_k = 1 (total conflict): no threshold left, only a negative progress reads as unlearnable
+            L = torch.where(thr > 0, (p / thr.clamp_min(1e-300)).clamp(0, 1), (p >= 0).double())
         # saturation: GRPO learns only from in-group differences; an objective whose median in-group std fell
         # far more than the others' (z_k = sbar_k / sbar0_k below spread_ratio x the weighted mean) is flat
         # where the policy samples: pushing it takes priority from objectives that can still move
@@ -213,18 +258,36 @@ class P3Tracker:
         N = torch.where(active, gap.clamp(-cfg.need_clip, cfg.need_clip), torch.zeros_like(p))
         if self.epoch >= cfg.warmup_epochs:
             self.integral = (self.integral + N).clamp(-cfg.i_clip, cfg.i_clip)
-        # conflict penalty
-        if source == "hold":
-            cos = torch.full_like(L, float("nan"))
-            C = torch.where(torch.isfinite(self.conflict), self.conflict, torch.zeros_like(L))
-        else:
-            cos = conflict_from_gram(gram, o.pi) if source == "gram" else o.proxy
-            raw = (-cos).clamp_min(0)
-            bc = cfg.beta_conflict
-            self.conflict = torch.where(torch.isfinite(self.conflict), bc * self.conflict + (1 - bc) * raw, raw)
-            C = self.conflict.clone()
         self.epoch += 1
-        return dict(L=L, C=C, N=N, v=v, p=p, conflict_cos=cos, pi_used=o.pi, rbar=o.rbar, from_gram=source == "gram")
+        return dict(L=L, C=C, N=N, v=v, p=p, conflict_cos=cos, pi_used=o.pi, rbar=o.rbar, from_gram=source == "gram",
+                    base=self.base.clone())
+
+    def _update_base(self, G: torch.Tensor | None) -> None:
+        """EMA (beta_gram) of the Gram scaled to mean diagonal 1 over the active objectives (so the EMA mixes
+        directions, not the gradient scale of the moment), then its min-norm weights."""
+        if G is None:
+            return
+        active = self.weights > 0
+        G = G.double().cpu()
+        idx = active.nonzero().flatten()
+        scale = float(G[idx, idx].clamp_min(0).mean())
+        if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(G).all()):
+            return  # no gradient signal this epoch: keep the EMA
+        G = G / scale
+        b = self.cfg.beta_gram
+        seen = bool(torch.isfinite(self.gram_ema).all())
+        self.gram_ema = b * self.gram_ema + (1 - b) * G if seen else G.clone()
+        self.base = min_norm_weights(self.gram_ema, active)
+
+    def coefficients(self, pi: torch.Tensor) -> torch.Tensor:
+        """Stage 2's combination weights: pi, or with min_norm_base floor(normalize(pi * lambda)) [K] float64."""
+        if not self.cfg.min_norm_base:
+            return pi.double().clone()
+        c = pi.double() * self.base
+        active = self.weights > 0
+        if not float(c.sum()) > 0:
+            return pi.double().clone()
+        return floor_simplex(c / c.sum(), self.cfg.pi_min, active)
 
     def scores(self, L, C, N) -> torch.Tensor:
         """s_k = a_L log(L_k + eps) + damp_k (a_N (N_k^+ + need_lead N_k^-) + a_I I_k) - lambda C_k [N_k < 0]
@@ -249,7 +312,8 @@ class P3Tracker:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "sbar": self.sbar.clone(), "r0": self.r0.clone(), "s0": self.s0.clone(),
                 "n0": self.n0.clone(), "sb0": self.sb0.clone(), "nb0": self.nb0.clone(), "ema_fast": self.ema_fast.clone(), "ema_slow": self.ema_slow.clone(),
-                "conflict": self.conflict.clone(), "integral": self.integral.clone()}
+                "conflict": self.conflict.clone(), "integral": self.integral.clone(), "gram_ema": self.gram_ema.clone(),
+                "base": self.base.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -268,6 +332,12 @@ class P3Tracker:
         else:  # a checkpoint from before the spread baseline: start it from the current sbar
             self.sb0 = torch.as_tensor(state["sbar"], dtype=torch.float64).flatten().cpu().clone()
             self.nb0 = torch.where(torch.isfinite(self.sb0), float(self.baseline_epochs), 0.0).double()
+        if "gram_ema" in state:  # states from before the min-norm base start it afresh
+            g = torch.as_tensor(state["gram_ema"], dtype=torch.float64).cpu()
+            if tuple(g.shape) != (self.K, self.K):
+                raise ValueError(f"balancer state 'gram_ema' has shape {tuple(g.shape)}, expected [{self.K}, {self.K}]")
+            self.gram_ema = g.clone()
+            keys.append("base")
         for k in keys:
             t = torch.as_tensor(state[k], dtype=torch.float64).flatten().cpu()
             if t.numel() != self.K:
