@@ -87,7 +87,7 @@ def advantage_gram(Ahat: torch.Tensor) -> torch.Tensor:
 
 
 def min_norm_weights(G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """MGDA's min-norm weights over the active objectives of the Gram G [K] (0 for the inactive ones;
+    """MGDA's min-norm weights over the active objectives of the Gram G [K, K] (0 for the inactive ones;
     uniform over them when G carries nothing finite)."""
     idx = active.nonzero().flatten()
     lam = torch.zeros(G.shape[0], dtype=torch.float64)
@@ -169,7 +169,7 @@ class P3Tracker:
         obs = Observation(
             rbar=rbar.cpu(), bstd=var.sqrt().cpu(), usable=usable.cpu(), sbar=sbar.clone(),
             floor=floor.double().cpu(), proxy=conflict_proxy(Ahat, pi), pi=pi.double().cpu().clone(),
-            gram_proxy=advantage_gram(Ahat),
+            gram_proxy=advantage_gram(Ahat) if self.cfg.min_norm_base else None,  # only the min-norm base reads it
         )
         self.cache = obs
         return obs
