@@ -16,9 +16,10 @@ finite entries are all equal gives exactly 0. All arithmetic in float32.
 import triton
 import triton.language as tl
 
-# module constants used inside @triton.jit code must be constexpr (compiled mode rejects plain globals)
+# module constants used inside @triton.jit code must be constexpr (compiled mode rejects plain globals),
+# and never NaN: compiled Triton re-checks each global by equality at every launch, and NaN != NaN.
+# Masked loads fill with INF, which _finite excludes exactly as it excludes NaN.
 INF = tl.constexpr(float("inf"))
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def group_norm_pairwise_kernel(
         mj = rj < N
         gj = tl.load(ids_ptr + rj, mask=mj, other=0)
         xj = tl.load(R_ptr + rj[:, None] * K + kk[None, :], mask=mj[:, None] & mk[None, :],
-                     other=NAN).to(tl.float32)
+                     other=INF).to(tl.float32)
         vj = _finite(xj)
         xz = tl.where(vj, xj, 0.0)
         match = (gi[:, None] == gj[None, :]) & mj[None, :]
@@ -72,7 +73,7 @@ def group_norm_pairwise_kernel(
         mj = rj < N
         gj = tl.load(ids_ptr + rj, mask=mj, other=0)
         xj = tl.load(R_ptr + rj[:, None] * K + kk[None, :], mask=mj[:, None] & mk[None, :],
-                     other=NAN).to(tl.float32)
+                     other=INF).to(tl.float32)
         vj = _finite(xj)
         xz = tl.where(vj, xj, 0.0)
         match = (gi[:, None] == gj[None, :]) & mj[None, :]
@@ -91,7 +92,7 @@ def group_norm_pairwise_kernel(
         floor = tl.load(floor_ptr + kk, mask=mk, other=0.0)
         denom = tl.maximum(denom, floor[None, :])
     m2 = mi[:, None] & mk[None, :]
-    xi = tl.load(R_ptr + ri[:, None] * K + kk[None, :], mask=m2, other=NAN).to(tl.float32)
+    xi = tl.load(R_ptr + ri[:, None] * K + kk[None, :], mask=m2, other=INF).to(tl.float32)
     A = (xi - mean) / (denom + eps)
     A = tl.where(_finite(xi) & (mx > mn) & (std > 0), A, 0.0)
     tl.store(A_ptr + ri[:, None] * K + kk[None, :], A, mask=m2)
@@ -107,7 +108,7 @@ def column_stats_kernel(R_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         x = tl.load(R_ptr + rn[:, None] * K + kk[None, :], mask=(rn < N)[:, None] & mk[None, :],
-                    other=NAN).to(tl.float32)
+                    other=INF).to(tl.float32)
         v = _finite(x)
         cnt += tl.sum(v.to(tl.float32), axis=0)
         s1 += tl.sum(tl.where(v, x, 0.0), axis=0)
@@ -116,7 +117,7 @@ def column_stats_kernel(R_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         x = tl.load(R_ptr + rn[:, None] * K + kk[None, :], mask=(rn < N)[:, None] & mk[None, :],
-                    other=NAN).to(tl.float32)
+                    other=INF).to(tl.float32)
         d = tl.where(_finite(x), x - mean[None, :], 0.0)
         s2 += tl.sum(d * d, axis=0)
     tl.store(out_ptr + kk, mean, mask=mk)
@@ -144,7 +145,7 @@ def group_norm_segmented_kernel(
         mm = rm < n
         idx = tl.load(perm_ptr + start + rm, mask=mm, other=0)
         x = tl.load(R_ptr + idx[:, None] * K + kk[None, :], mask=mm[:, None] & mk[None, :],
-                    other=NAN).to(tl.float32)
+                    other=INF).to(tl.float32)
         v = _finite(x)
         xz = tl.where(v, x, 0.0)
         cnt += tl.sum(v.to(tl.float32), axis=0)
@@ -158,7 +159,7 @@ def group_norm_segmented_kernel(
         mm = rm < n
         idx = tl.load(perm_ptr + start + rm, mask=mm, other=0)
         x = tl.load(R_ptr + idx[:, None] * K + kk[None, :], mask=mm[:, None] & mk[None, :],
-                    other=NAN).to(tl.float32)
+                    other=INF).to(tl.float32)
         d = tl.where(_finite(x), x - mean[None, :], 0.0)
         s2 += tl.sum(d * d, axis=0)
     std = tl.sqrt(s2 / tl.maximum(cnt, 1.0))
@@ -180,7 +181,7 @@ def group_norm_segmented_kernel(
         mm = rm < n
         idx = tl.load(perm_ptr + start + rm, mask=mm, other=0)
         m2 = mm[:, None] & mk[None, :]
-        x = tl.load(R_ptr + idx[:, None] * K + kk[None, :], mask=m2, other=NAN).to(tl.float32)
+        x = tl.load(R_ptr + idx[:, None] * K + kk[None, :], mask=m2, other=INF).to(tl.float32)
         a = (x - mean[None, :]) / (denom[None, :] + eps)
         a = tl.where(_finite(x) & live[None, :], a, 0.0)
         tl.store(A_ptr + idx[:, None] * K + kk[None, :], a, mask=m2)
