@@ -437,6 +437,16 @@ def test_default_dispatch(monkeypatch):
         assert ops.choose(op, torch.device("cpu")) == want
 
 
+def test_cuda_dispatch_without_a_gpu(monkeypatch):
+    """The CUDA choice is a table lookup made before any CUDA call: weighted_grads goes to cuBLAS (the
+    measured faster path), never to a Triton kernel it does not have, unless a backend is forced."""
+    monkeypatch.delenv("APEX_FAST_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert ops.choose("weighted_grads", cuda) == "torch"
+    monkeypatch.setenv("APEX_FAST_BACKEND", "triton")
+    assert ops.choose("weighted_grads", cuda) == "torch"  # no Triton kernel: its default stays
+
+
 def test_forced_backend_errors(monkeypatch):
     monkeypatch.setenv("APEX_FAST_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="APEX_FAST_BACKEND"):

@@ -111,13 +111,23 @@ def triton_usable(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpret()))
 
 
+# ops with no Triton kernel
+NO_TRITON = frozenset({"weighted_grads"})
+# ops whose CUDA default is the torch reference, and the measurement that put them there: on the H200
+# cuBLAS's K GEMMs ran LoRA-shaped weighted_grads (out or in = 32, M = 4096) 3.3x faster than the
+# extension's tiled kernel, whose (in/64, out/64, K) grid leaves most SMs idle on thin layers; the
+# extension stays one APEX_FAST_BACKEND=cpp away (bench/results/ops_h200.json)
+CUDA_PREFERS_TORCH = frozenset({"weighted_grads"})
+
+
 def choose(op: str, device: torch.device, *, has_triton: bool = True, has_cpp: bool = True) -> str:
     """Pick the backend for ``op`` on ``device``.
 
-    Default: CUDA -> Triton (or the extension's CUDA kernel when the op has no Triton kernel);
-    CPU -> the C++ extension if built, else the torch reference. ``APEX_FAST_BACKEND`` forces a
-    backend for every op that implements it (an op without that backend keeps its default); a forced
-    backend that cannot run here raises."""
+    Default: CUDA -> Triton (or the extension's CUDA kernel when the op has no Triton kernel; the torch
+    reference for the ops in CUDA_PREFERS_TORCH); CPU -> the C++ extension if built, else the torch
+    reference. ``APEX_FAST_BACKEND`` forces a backend for every op that implements it (an op without
+    that backend keeps its default); a forced backend that cannot run here raises."""
+    has_triton = has_triton and op not in NO_TRITON
     forced = forced_backend()
     if forced == "torch":
         return "torch"
@@ -136,6 +146,8 @@ def choose(op: str, device: torch.device, *, has_triton: bool = True, has_cpp: b
                                "set TRITON_INTERPRET=1 before importing triton to run them on the CPU")
         return "triton"
     if device.type == "cuda":
+        if op in CUDA_PREFERS_TORCH:
+            return "torch"
         if has_triton and triton_usable(device) and triton_kernels("gram") is not None:
             return "triton"
         if has_cpp and cpp_has(op, device):

@@ -278,7 +278,7 @@ def weighted_grads(delta: torch.Tensor, a: torch.Tensor, W: torch.Tensor) -> tor
         raise ValueError(f"delta, a, W must be on one device, got {delta.device}, {a.device}, {W.device}")
     for nm, t in (("delta", delta), ("a", a), ("W", W)):
         _check_contig(nm, t)
-    backend = choose("weighted_grads", delta.device, has_triton=False)
+    backend = choose("weighted_grads", delta.device)
     if delta.requires_grad or a.requires_grad or W.requires_grad:
         delta, a, W = delta.detach(), a.detach(), W.detach()
     if backend == "cpp":
