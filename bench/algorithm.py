@@ -74,6 +74,7 @@ VARIANTS = {
     "apex-rho0.98": {"rho": 0.98},  # the third revision's smoothing
     "apex-lead0.5": {"need_lead": 0.5},  # leaders ahead of the mean pushed down at half the gain
     "apex-nolearnconf": {"learn_conflict": 0.0},  # learnability blind to conflict (the fourth revision)
+    "apex+needL": {"need_learn_power": 1.0},  # the need scaled by the learnability: no push for a no-signal reward
     "apex+mn-gram": {"min_norm_base": True, "conflict_source": "gram"},  # P^3 tilts the min-norm weights (real Gram)
     "apex+mn-proxy": {"min_norm_base": True, "conflict_source": "proxy"},  # ... of the advantage Gram Ahat^T Ahat / N
 }

@@ -234,9 +234,28 @@ def test_need_lead_scales_only_the_negative_need(lead):
     assert [u[f"priority_next/r{k}"] for k in range(3)] == pytest.approx(pihat.tolist(), rel=1e-6)
 
 
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+def test_need_learn_power_scales_the_need_by_learnability(power):
+    """s_k = a_L log(L_k + eps) + (1 - C_k)^2 a_N L_k^power (max(N_k, 0) + min(N_k, 0)): a reward that cannot be
+    learned (no drift: L < 1) lags forever, and with power > 0 its lag no longer buys it priority."""
+    bs = _batches(drift=(0.3, 0.25, 0.0), epochs=16)
+    bal = APEX([1, 1, 1], warmup_epochs=2, rho=0.0, need_learn_power=power, a_n=3.0, pi_min=0.0)
+    u = _run(bal, bs)[-1]
+    L, C, N = (np.array([u[f"{x}/r{k}"] for k in range(3)]) for x in ("L", "C", "N"))
+    assert L[2] < 0.5 and N[2] > 0  # the flat reward is behind and read as (mostly) unlearnable
+    s = np.log(L + EPS) + (1 - C) ** 2 * 3.0 * L ** power * N
+    pihat = np.exp(s) / np.exp(s).sum()
+    assert [u[f"priority_next/r{k}"] for k in range(3)] == pytest.approx(pihat.tolist(), rel=1e-6)
+    if power > 0:
+        u0 = _run(APEX([1, 1, 1], warmup_epochs=2, rho=0.0, a_n=3.0, pi_min=0.0), bs)[-1]
+        assert u["priority_next/r2"] < u0["priority_next/r2"]
+
+
 def test_need_lead_bad_value_names_the_field():
     with pytest.raises(ValueError, match="need_lead"):
         BalanceConfig(method="apex", need_lead=-1.0).validate()
+    with pytest.raises(ValueError, match="need_learn_power"):
+        BalanceConfig(method="apex", need_learn_power=-1.0).validate()
 
 
 # --------------------------------------------------------------------------- FAMO

@@ -44,6 +44,7 @@ class BalanceConfig:
     a_l: float = 1.0  # weight of log L_k in the score s_k
     a_n: float = 3.0  # weight of the progress need N_k
     need_lead: float = 1.0  # gain on the negative need of objectives ahead of the mean (0: only laggards are pushed)
+    need_learn_power: float = 0.0  # the need's gain is scaled by L_k ** need_learn_power: no push for what cannot be learned (0: off)
     a_i: float = 0.0  # weight of the accumulated need I_k = clip(sum_t N_k(t), +-i_clip) (integral action)
     i_clip: float = 10.0  # bound of the accumulated need (anti wind-up)
     lam: float = 0.0  # lambda, weight of the conflict penalty C_k (objectives ahead of the mean only; 0: off)
@@ -100,7 +101,7 @@ class BalanceConfig:
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
         need(0 <= number("conflict_damping") <= 1, "conflict_damping", f"must be in [0, 1], got {self.conflict_damping}")
         for f in ("damping_power", "need_lookahead", "learn_ratio", "learn_after", "learn_conflict", "spread_ratio", "need_deadband",
-                  "a_l", "a_n", "need_lead", "a_i", "i_clip", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
+                  "a_l", "a_n", "need_lead", "need_learn_power", "a_i", "i_clip", "lam", "cagrad_alpha", "famo_lr", "famo_decay"):
             need(number(f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(number("temperature") > 0, "temperature", f"must be > 0, got {self.temperature}")
         need(0 <= number("pi_min") < 1, "pi_min",

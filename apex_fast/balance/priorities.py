@@ -297,6 +297,8 @@ class P3Tracker:
         cfg, eps = self.cfg, self.cfg.eps
         damp = (1 - cfg.conflict_damping * C).clamp(0, 1) ** cfg.damping_power
         need = N.clamp_min(0) + cfg.need_lead * N.clamp_max(0)
+        if cfg.need_learn_power > 0:  # a reward with no learnable signal lags forever: its lag is no reason to push it
+            need = need * L.clamp(0, 1) ** cfg.need_learn_power
         return cfg.a_l * torch.log(L + eps) + damp * (cfg.a_n * need + cfg.a_i * self.integral) - cfg.lam * C * (N < 0).double()
 
     def priorities(self, L, C, N, pi_prev) -> torch.Tensor:
