@@ -352,7 +352,7 @@ def test_kernel_module_constants_equal_themselves():
     import math
     import pathlib
 
-    import triton.language as tl
+    tl = pytest.importorskip("triton.language")
 
     src = pathlib.Path(__file__).resolve().parents[1] / "kernel_src"
     for path in sorted(src.glob("*.py")):

@@ -120,18 +120,18 @@ NO_TRITON = frozenset({"weighted_grads"})
 CUDA_PREFERS_TORCH = frozenset({"weighted_grads"})
 
 
-def choose(op: str, device: torch.device, *, has_triton: bool = True, has_cpp: bool = True) -> str:
+def choose(op: str, device: torch.device) -> str:
     """Pick the backend for ``op`` on ``device``.
 
     Default: CUDA -> Triton (or the extension's CUDA kernel when the op has no Triton kernel; the torch
     reference for the ops in CUDA_PREFERS_TORCH); CPU -> the C++ extension if built, else the torch
     reference. ``APEX_FAST_BACKEND`` forces a backend for every op that implements it (an op without
     that backend keeps its default); a forced backend that cannot run here raises."""
-    has_triton = has_triton and op not in NO_TRITON
+    has_triton = op not in NO_TRITON
     forced = forced_backend()
     if forced == "torch":
         return "torch"
-    if forced == "cpp" and has_cpp:
+    if forced == "cpp":
         if cpp_ops() is None:
             raise RuntimeError(f"{ENV}=cpp but the apex_fast._C extension is not available ({cpp_error()}); "
                                "build it with `pip install -e . --no-build-isolation`")
@@ -150,10 +150,10 @@ def choose(op: str, device: torch.device, *, has_triton: bool = True, has_cpp: b
             return "torch"
         if has_triton and triton_usable(device) and triton_kernels("gram") is not None:
             return "triton"
-        if has_cpp and cpp_has(op, device):
+        if cpp_has(op, device):
             return "cpp"
         return "torch"
-    if device.type == "cpu" and has_cpp and cpp_has(op, device):
+    if device.type == "cpu" and cpp_has(op, device):
         return "cpp"
     return "torch"
 
