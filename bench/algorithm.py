@@ -77,10 +77,11 @@ VARIANTS = {
     "apex+needL": {"need_learn_power": 1.0},  # the need scaled by the learnability: no push for a no-signal reward
     "apex+mn-gram": {"min_norm_base": True, "conflict_source": "gram"},  # P^3 tilts the min-norm weights (real Gram)
     "apex+mn-proxy": {"min_norm_base": True, "conflict_source": "proxy"},  # ... of the advantage Gram Ahat^T Ahat / N
+    "apex+cone": {"dual_cone": True},  # stage 2 = UPGrad with the priorities as its preference vector (real Gram)
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
-OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram"}
+OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone (UPGrad with the priorities as preference)"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 

@@ -185,16 +185,23 @@ def _project_dual_cone_exact(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return best
 
 
-def upgrad_coefficients(M) -> torch.Tensor:
+def upgrad_coefficients(M, pref=None) -> torch.Tensor:
     """UPGrad (Quinton & Rey 2024, TorchJD): project each g_k onto the dual cone
     ``{v : J v >= 0}`` and average. In weight space (TorchJD's Proposition 1) the projection of
     ``J^T u`` is ``J^T w`` with ``w = argmin_v v^T M v s.t. v >= u``; with ``u = e_k / K`` and
     summing, ``c = sum_k w_k``. The result never conflicts: ``(M c)_k = g_k . d >= 0`` for all k.
-    Returns c [K] (every entry >= 1/K)."""
+    ``pref`` [K] >= 0 (TorchJD's ``pref_vector``) replaces 1/K: ``u = pref_k e_k``. Returns c [K]
+    (every entry >= its u)."""
     G = _gram(M)
     K = G.shape[0]
     s = _scale(G)
-    U = torch.eye(K, dtype=torch.float64) / K
+    if pref is None:
+        U = torch.eye(K, dtype=torch.float64) / K
+    else:
+        p = torch.as_tensor(pref, dtype=torch.float64).flatten().cpu()
+        if p.numel() != K or not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+            raise ValueError(f"upgrad pref must be {K} finite numbers >= 0, got {p.tolist()}")
+        U = torch.diag(p)
     if s <= _TINY:
         return _out(U.sum(0), M)
     G = G / s

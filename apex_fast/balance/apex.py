@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import dual_stage_advantages, group_stats
+from .aggregators import upgrad_coefficients
 from .base import Balancer, register_balancer, validate_rewards
 
 
@@ -28,11 +29,20 @@ class APEX(Balancer):
 
     ``min_norm_base`` (opt-in): stage 2 combines with ``floor(normalize(pi * lambda))``, lambda the
     min-norm weights of an EMA of the Gram from the same source (the real one, or ``Ahat^T Ahat / N``).
+
+    ``dual_cone`` (opt-in): stage 2 combines with UPGrad's coefficients for the preference vector pi,
+    ``c = normalize(sum_k argmin_{v >= pi_k e_k} v^T G v)``, G the last real Gram ``update()`` got (pi
+    until the first): the direction conflicts with no objective; where no two gradients conflict, c = pi.
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):
         super().__init__(weights, cfg, names, **overrides)
         self.pi = self._warmup_pi()
+        self.cone_gram = torch.full((self.K, self.K), float("nan"), dtype=torch.float64)  # dual_cone only
+
+    @property
+    def wants_gram(self) -> bool:
+        return super().wants_gram or self.cfg.dual_cone
 
     def _warmup_pi(self) -> torch.Tensor:
         if self.cfg.warmup_priority == "weights":
@@ -52,18 +62,23 @@ class APEX(Balancer):
         sbar = self.p3.sbar_estimate(count, std)
         floor = self._floor(sbar)
         c = self.p3.coefficients(self.pi)  # pi, or pi tilted by the min-norm weights (min_norm_base)
+        if self.cfg.dual_cone and bool(torch.isfinite(self.cone_gram).all()):
+            c = upgrad_coefficients(self.cone_gram, c).double()
+            c = c / c.sum()
         A, Ahat, _ = dual_stage_advantages(
             R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
         stats = self._common_stats(R, group_ids, A, Ahat)
         stats.update(self._observe(R, group_ids, Ahat, c, count, std, sbar))
-        if self.cfg.min_norm_base:
+        if self.cfg.min_norm_base or self.cfg.dual_cone:
             stats.update(self._vec("coef", c))
             stats.update(self._vec("priority", self.pi))
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
     def _after_step(self, res, M):
+        if self.cfg.dual_cone and M is not None and float(M.diagonal().clamp_min(0).sum()) > 0:
+            self.cone_gram = M.double().cpu().clone()  # an epoch without gradient signal keeps the last one
         if res is None:
             return {}
         if self.p3.epoch < self.cfg.warmup_epochs:
@@ -73,7 +88,7 @@ class APEX(Balancer):
         return self._vec("priority_next", self.pi)
 
     def state_dict(self):
-        return {**super().state_dict(), "pi": self.pi.clone()}
+        return {**super().state_dict(), "pi": self.pi.clone(), "cone_gram": self.cone_gram.clone()}
 
     def _load_state(self, state):
         super()._load_state(state)
@@ -81,3 +96,8 @@ class APEX(Balancer):
         if pi.numel() != self.K:
             raise ValueError(f"balancer state 'pi' has {pi.numel()} values, expected K = {self.K}")
         self.pi = pi.clone()
+        if "cone_gram" in state:  # absent in checkpoints from before dual_cone
+            G = torch.as_tensor(state["cone_gram"], dtype=torch.float64).cpu()
+            if G.shape != (self.K, self.K):
+                raise ValueError(f"balancer state 'cone_gram' has shape {tuple(G.shape)}, expected ({self.K}, {self.K})")
+            self.cone_gram = G.clone()

@@ -58,6 +58,9 @@ class BalanceConfig:
     # of the scale-normalised Gram (from the source conflict_source picks: the real Gram or the advantage proxy)
     min_norm_base: bool = False  # P^3 tilts the min-norm combination instead of the preference weights
     beta_gram: float = 0.98  # EMA decay of the normalised Gram behind the min-norm base
+    # opt-in: stage 2 uses UPGrad with pi as its preference vector, c = sum_k argmin_{v >= pi_k e_k} v^T G v, G the
+    # last real Gram update() got: the combined direction conflicts with no objective (needs the Gram every epoch)
+    dual_cone: bool = False
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
     famo_lr: float = 0.025  # beta, step size of FAMO's logits (FAMO's default)
@@ -117,6 +120,11 @@ class BalanceConfig:
              f"must be an integer, got {self.pcgrad_seed!r}")
         need(isinstance(self.min_norm_base, bool), "min_norm_base",
              f"must be true or false, got {self.min_norm_base!r}")
+        need(isinstance(self.dual_cone, bool), "dual_cone", f"must be true or false, got {self.dual_cone!r}")
+        need(not (self.dual_cone and self.min_norm_base), "dual_cone",
+             "and min_norm_base are two ways to combine the priorities with the Gram; set one of them")
+        need(not (self.dual_cone and self.conflict_source == "proxy"), "dual_cone",
+             "needs the real Gram every epoch; use conflict_source auto or gram with it")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
