@@ -77,11 +77,14 @@ VARIANTS = {
     "apex+needL": {"need_learn_power": 1.0},  # the need scaled by the learnability: no push for a no-signal reward
     "apex+mn-gram": {"min_norm_base": True, "conflict_source": "gram"},  # P^3 tilts the min-norm weights (real Gram)
     "apex+mn-proxy": {"min_norm_base": True, "conflict_source": "proxy"},  # ... of the advantage Gram Ahat^T Ahat / N
-    "apex+cone": {"dual_cone": True},  # stage 2 = UPGrad with the priorities as its preference vector (real Gram)
+    # stage 2 = UPGrad with the priorities as its preference vector (EMA of the real Gram); the need undamped
+    "apex+cone": {"dual_cone": True, "conflict_damping": 0.0},
+    "apex+cone-damp": {"dual_cone": True},  # ... with the conflict damping (C from the Gram switches the need off)
+    "apex+cone-last": {"dual_cone": True, "conflict_damping": 0.0, "beta_cone": 0.0},  # ... the last epoch's Gram
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
-OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone (UPGrad with the priorities as preference)"}
+OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 

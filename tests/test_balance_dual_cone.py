@@ -45,10 +45,28 @@ def test_apex_dual_cone_uses_the_last_gram():
     assert [st["priority/r0"], st["priority/r1"]] == pytest.approx([0.8, 0.2])  # pi itself is untouched
     ref, _, _ = dual_stage_advantages(R, gid, c, std_floor=torch.zeros(2), eps=1e-4, clip=5.0)
     torch.testing.assert_close(A, ref)
+    torch.testing.assert_close(bal.cone_gram, G2)  # the first Gram, scaled to mean diagonal 1
     # an epoch without gradient signal keeps the last Gram
     bal.update(gram=torch.zeros(2, 2))
     _, st = bal.advantages(R, gid)
     assert [st["coef/r0"], st["coef/r1"]] == pytest.approx(c.tolist(), rel=1e-6)
+
+
+def test_apex_dual_cone_gram_is_an_ema_of_the_normalised_grams():
+    """G = EMA_beta_cone(G_t / mean diag G_t): a Gram ten times larger weighs the same; beta_cone 0 is the last."""
+    Ga = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
+    Gb = torch.tensor([[20.0, 4.0], [4.0, 20.0]], dtype=torch.float64)  # no conflict, 20x the scale
+    R, gid = _batch(2)
+    for beta in (0.0, 0.7):
+        bal = APEX([0.8, 0.2], warmup_epochs=100, warmup_priority="weights", dual_cone=True, beta_cone=beta)
+        for G in (Ga, Gb):
+            bal.advantages(R, gid)
+            bal.update(gram=G)
+        ema = beta * Ga + (1 - beta) * Gb / 20.0
+        torch.testing.assert_close(bal.cone_gram, ema)
+        _, st = bal.advantages(R, gid)
+        ref = upgrad_coefficients(ema, torch.tensor([0.8, 0.2])).double()
+        assert [st["coef/r0"], st["coef/r1"]] == pytest.approx((ref / ref.sum()).tolist(), rel=1e-6)
 
 
 def test_apex_dual_cone_is_pi_where_nothing_conflicts():
@@ -108,8 +126,9 @@ def test_apex_dual_cone_state_round_trip_is_exact_and_reorders():
     assert torch.isnan(d.cone_gram).all()
 
 
-@pytest.mark.parametrize("kw", [dict(dual_cone="yes"), dict(dual_cone=True, min_norm_base=True),
-                                dict(dual_cone=True, conflict_source="proxy")])
-def test_dual_cone_config_errors_name_the_field(kw):
-    with pytest.raises(ValueError, match="dual_cone"):
+@pytest.mark.parametrize("kw,field", [(dict(dual_cone="yes"), "dual_cone"), (dict(dual_cone=True, min_norm_base=True), "dual_cone"),
+                                      (dict(dual_cone=True, beta_cone=1.0), "beta_cone"),
+                                      (dict(dual_cone=True, beta_cone=-0.1), "beta_cone")])
+def test_dual_cone_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
         BalanceConfig(method="apex", **kw).validate()

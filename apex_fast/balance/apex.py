@@ -31,8 +31,9 @@ class APEX(Balancer):
     min-norm weights of an EMA of the Gram from the same source (the real one, or ``Ahat^T Ahat / N``).
 
     ``dual_cone`` (opt-in): stage 2 combines with UPGrad's coefficients for the preference vector pi,
-    ``c = normalize(sum_k argmin_{v >= pi_k e_k} v^T G v)``, G the last real Gram ``update()`` got (pi
-    until the first): the direction conflicts with no objective; where no two gradients conflict, c = pi.
+    ``c = normalize(sum_k argmin_{v >= pi_k e_k} v^T G v)``, G an EMA (beta_cone) of the scale-normalised
+    Gram ``update()`` gets (pi until the first): the direction conflicts with no objective of G; where no
+    two gradients conflict, c = pi.
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):
@@ -77,8 +78,12 @@ class APEX(Balancer):
         return A, stats
 
     def _after_step(self, res, M):
-        if self.cfg.dual_cone and M is not None and float(M.diagonal().clamp_min(0).sum()) > 0:
-            self.cone_gram = M.double().cpu().clone()  # an epoch without gradient signal keeps the last one
+        if self.cfg.dual_cone and M is not None and float(M.diagonal().clamp_min(0).mean()) > 0:
+            # EMA of the scale-normalised Gram: the conflicts that persist, not one batch's sampling noise
+            G = M.double().cpu() / float(M.diagonal().clamp_min(0).mean())
+            b = self.cfg.beta_cone
+            seen = bool(torch.isfinite(self.cone_gram).all())
+            self.cone_gram = b * self.cone_gram + (1 - b) * G if seen else G.clone()
         if res is None:
             return {}
         if self.p3.epoch < self.cfg.warmup_epochs:

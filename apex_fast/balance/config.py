@@ -58,9 +58,11 @@ class BalanceConfig:
     # of the scale-normalised Gram (from the source conflict_source picks: the real Gram or the advantage proxy)
     min_norm_base: bool = False  # P^3 tilts the min-norm combination instead of the preference weights
     beta_gram: float = 0.98  # EMA decay of the normalised Gram behind the min-norm base
-    # opt-in: stage 2 uses UPGrad with pi as its preference vector, c = sum_k argmin_{v >= pi_k e_k} v^T G v, G the
-    # last real Gram update() got: the combined direction conflicts with no objective (needs the Gram every epoch)
+    # opt-in: stage 2 uses UPGrad with pi as its preference vector, c = sum_k argmin_{v >= pi_k e_k} v^T G v, G an
+    # EMA (beta_cone) of the scale-normalised real Gram: the direction conflicts with no objective (README: use it
+    # with conflict_damping 0, the cone removes the conflicts the damping guards against)
     dual_cone: bool = False
+    beta_cone: float = 0.95  # EMA decay of the normalised Gram behind dual_cone (0: the last epoch's Gram)
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
     famo_lr: float = 0.025  # beta, step size of FAMO's logits (FAMO's default)
@@ -98,7 +100,7 @@ class BalanceConfig:
         need(number("eps") > 0, "eps", f"must be > 0, got {self.eps}")
         need(number("adv_clip") > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
         need(number("kappa") >= 0, "kappa", f"must be >= 0 (0 disables the std floor), got {self.kappa}")
-        for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict", "beta_gram"):
+        for f in ("beta_s", "beta_fast", "beta_slow", "beta_conflict", "beta_gram", "beta_cone"):
             need(0 <= number(f) < 1, f, f"is an EMA decay and must be in [0, 1), got {getattr(self, f)}")
         need(number("delta") > 0, "delta", f"must be > 0, got {self.delta}")
         need(number("need_clip") > 0, "need_clip", f"must be > 0, got {self.need_clip}")
@@ -123,8 +125,6 @@ class BalanceConfig:
         need(isinstance(self.dual_cone, bool), "dual_cone", f"must be true or false, got {self.dual_cone!r}")
         need(not (self.dual_cone and self.min_norm_base), "dual_cone",
              "and min_norm_base are two ways to combine the priorities with the Gram; set one of them")
-        need(not (self.dual_cone and self.conflict_source == "proxy"), "dual_cone",
-             "needs the real Gram every epoch; use conflict_source auto or gram with it")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
