@@ -32,7 +32,7 @@ def test_weighted_upgrad_hand_computed():
         upgrad_coefficients(G2, torch.tensor([0.5, -0.1]))
 
 
-def test_apex_dual_cone_uses_the_last_gram():
+def test_apex_dual_cone_uses_the_gram_from_update():
     bal = APEX([0.8, 0.2], warmup_epochs=100, warmup_priority="weights", dual_cone=True, kappa=0.0)
     assert bal.wants_gram
     R, gid = _batch(2)
@@ -43,6 +43,7 @@ def test_apex_dual_cone_uses_the_last_gram():
     c = torch.tensor([0.6, 0.4])
     assert [st["coef/r0"], st["coef/r1"]] == pytest.approx(c.tolist(), rel=1e-6)
     assert [st["priority/r0"], st["priority/r1"]] == pytest.approx([0.8, 0.2])  # pi itself is untouched
+    assert not any(k.startswith("min_norm/") for k in st)  # the min-norm base is not in use
     ref, _, _ = dual_stage_advantages(R, gid, c, std_floor=torch.zeros(2), eps=1e-4, clip=5.0)
     torch.testing.assert_close(A, ref)
     torch.testing.assert_close(bal.cone_gram, G2)  # the first Gram, scaled to mean diagonal 1

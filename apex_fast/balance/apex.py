@@ -13,6 +13,7 @@ import torch
 from ..ops import dual_stage_advantages, group_stats
 from .aggregators import upgrad_coefficients
 from .base import Balancer, register_balancer, validate_rewards
+from .priorities import normalised_gram_ema
 
 
 @register_balancer("apex")
@@ -74,16 +75,13 @@ class APEX(Balancer):
         if self.cfg.min_norm_base or self.cfg.dual_cone:
             stats.update(self._vec("coef", c))
             stats.update(self._vec("priority", self.pi))
+        if self.cfg.min_norm_base:
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
     def _after_step(self, res, M):
-        if self.cfg.dual_cone and M is not None and float(M.diagonal().clamp_min(0).mean()) > 0:
-            # EMA of the scale-normalised Gram: the conflicts that persist, not one batch's sampling noise
-            G = M.double().cpu() / float(M.diagonal().clamp_min(0).mean())
-            b = self.cfg.beta_cone
-            seen = bool(torch.isfinite(self.cone_gram).all())
-            self.cone_gram = b * self.cone_gram + (1 - b) * G if seen else G.clone()
+        if self.cfg.dual_cone:  # the conflicts that persist, not one batch's sampling noise
+            self.cone_gram = normalised_gram_ema(self.cone_gram, M, self.cfg.beta_cone, self.weights > 0)
         if res is None:
             return {}
         if self.p3.epoch < self.cfg.warmup_epochs:

@@ -86,6 +86,21 @@ def advantage_gram(Ahat: torch.Tensor) -> torch.Tensor:
     return (X.T @ X / max(X.shape[0], 1)).cpu()
 
 
+def normalised_gram_ema(ema: torch.Tensor, G: torch.Tensor | None, beta: float, active: torch.Tensor) -> torch.Tensor:
+    """``beta * ema + (1 - beta) * G / scale`` with scale the mean diagonal of G over the active objectives
+    (so the EMA mixes directions, not the gradient scale of the moment); G itself when ``ema`` is still NaN;
+    ``ema`` unchanged when G is None or carries no gradient signal (no positive diagonal, non-finite)."""
+    if G is None:
+        return ema
+    G = G.double().cpu()
+    idx = active.nonzero().flatten()
+    scale = float(G[idx, idx].clamp_min(0).mean())
+    if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(G).all()):
+        return ema
+    G = G / scale
+    return beta * ema + (1 - beta) * G if bool(torch.isfinite(ema).all()) else G.clone()
+
+
 def min_norm_weights(G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """MGDA's min-norm weights over the active objectives of the Gram G [K, K] (0 for the inactive ones;
     uniform over them when G carries nothing finite)."""
@@ -263,20 +278,9 @@ class P3Tracker:
                     base=self.base.clone())
 
     def _update_base(self, G: torch.Tensor | None) -> None:
-        """EMA (beta_gram) of the Gram scaled to mean diagonal 1 over the active objectives (so the EMA mixes
-        directions, not the gradient scale of the moment), then its min-norm weights."""
-        if G is None:
-            return
+        """The EMA (beta_gram) of the normalised Gram, then its min-norm weights."""
         active = self.weights > 0
-        G = G.double().cpu()
-        idx = active.nonzero().flatten()
-        scale = float(G[idx, idx].clamp_min(0).mean())
-        if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(G).all()):
-            return  # no gradient signal this epoch: keep the EMA
-        G = G / scale
-        b = self.cfg.beta_gram
-        seen = bool(torch.isfinite(self.gram_ema).all())
-        self.gram_ema = b * self.gram_ema + (1 - b) * G if seen else G.clone()
+        self.gram_ema = normalised_gram_ema(self.gram_ema, G, self.cfg.beta_gram, active)
         self.base = min_norm_weights(self.gram_ema, active)
 
     def coefficients(self, pi: torch.Tensor) -> torch.Tensor:
