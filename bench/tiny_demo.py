@@ -177,6 +177,7 @@ def samples_figure(runs: dict[str, dict], prompts: list[str], per_prompt: int, p
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    n_prompts = min(n_prompts, len(prompts))  # an eval with fewer prompts shows them all
     rows = []
     for i, (method, run) in enumerate(runs.items()):
         grids = sorted((Path(run["output_dir"]) / "samples").glob("eval_epoch*.png"))
