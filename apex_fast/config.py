@@ -121,6 +121,9 @@ class TrainConfig:
     ema: bool = True  # EMA of the trainable weights, used for evaluation
     ema_decay: float = 0.9
     ema_every: int = 8  # optimizer steps between EMA updates
+    # Flow-GRPO's warm-up: decay min(ema_decay, (1 + t) / (10 + t)) after optimizer step t (false: ema_decay from
+    # the first update, so the EMA keeps (ema_decay)^n of the initial weights after n updates)
+    ema_warmup: bool = True
     gram_every: int = 1  # balance.gradients proxy: epochs between Gram probes for balancers that want one (0: never)
     reward_max_failures: int = 5  # stop after a reward fails a whole batch this many times in a row (0: never)
     max_nonfinite_steps: int = 3  # optimizer steps with a non-finite loss/gradient are skipped; stop after this many in a row

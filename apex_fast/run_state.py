@@ -187,18 +187,25 @@ class TrainableWeights:
 
 class EMA:
     """Exponential moving average of the trainable weights (fp32, full copies on every rank), updated
-    every ``every`` optimizer steps: ``e += (1 - decay) (p - e)``."""
+    every ``every`` optimizer steps: ``e += (1 - d_t) (p - e)``, ``d_t = min(decay, (1 + t) / (10 + t))``
+    after the t-th optimizer step with ``warmup`` (Flow-GRPO's EMAModuleWrapper: the average starts near the
+    current weights instead of holding the initial ones for ~1 / (1 - decay) updates), else ``decay``."""
 
-    def __init__(self, weights: TrainableWeights, decay: float, every: int):
-        self.weights, self.decay, self.every = weights, decay, every
+    def __init__(self, weights: TrainableWeights, decay: float, every: int, warmup: bool = True):
+        self.weights, self.decay, self.every, self.warmup = weights, decay, every, warmup
         self.values = weights.copies()
+
+    def decay_at(self, global_step: int) -> float:
+        """The decay of the update after optimizer step ``global_step`` (1-based)."""
+        return min(self.decay, (1 + global_step) / (10 + global_step)) if self.warmup else self.decay
 
     def update(self, global_step: int) -> None:
         if global_step % self.every:
             return
+        d = self.decay_at(global_step)
         with torch.no_grad(), self.weights.gathered():
             for e, p in zip(self.values, self.weights.params):
-                e.lerp_(p.detach(), 1 - self.decay)
+                e.lerp_(p.detach(), 1 - d)
 
     def load(self, values) -> None:
         for e, v in zip(self.values, values):

@@ -116,3 +116,42 @@ def test_folders_replaced_atomically_and_recovered_by_name(tmp_path):
     done = recover_interrupted_writes(tmp_path, names="^lora$")
     assert len(done) == 2 and (lora / "w.safetensors").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes-77", "lora"]
+
+
+def test_ema_warmup_follows_flow_grpo_decay_schedule():
+    """train.ema_warmup (default): decay min(ema_decay, (1 + t) / (10 + t)) after optimizer step t, as
+    Flow-GRPO's EMAModuleWrapper; off: ema_decay from the first update. Checked on one weight that jumps
+    from 0 to 1 at the first step and stays there."""
+    from apex_fast.run_state import EMA
+
+    class Weights:  # the TrainableWeights surface EMA uses
+        def __init__(self):
+            self.params = [torch.zeros(3)]
+
+        def copies(self):
+            return [p.clone() for p in self.params]
+
+        def gathered(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    for warmup in (True, False):
+        w = Weights()
+        ema = EMA(w, decay=0.9, every=2, warmup=warmup)
+        w.params[0].fill_(1.0)
+        expect = 0.0
+        for t in range(1, 201):
+            ema.update(t)
+            if t % 2 == 0:
+                d = min(0.9, (1 + t) / (10 + t)) if warmup else 0.9
+                expect = d * expect + (1 - d) * 1.0
+        assert torch.allclose(ema.values[0], torch.full((3,), expect), atol=1e-6)
+        if warmup:
+            assert ema.decay_at(2) == pytest.approx(3 / 12) and ema.decay_at(80) == 0.9  # (1+80)/90 = 0.9
+        # after 4 updates the warm-up has nearly forgotten the initial weights; without it 0.9^4 = 66% stays
+        ema2 = EMA(Weights(), decay=0.9, every=1, warmup=warmup)
+        ema2.weights.params[0].fill_(1.0)
+        for t in range(1, 5):
+            ema2.update(t)
+        assert (float(ema2.values[0][0]) > 0.8) == warmup

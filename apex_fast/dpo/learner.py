@@ -49,7 +49,7 @@ class DPOLearner(Learner):
         self.labeler = PairLabeler(d.label, self.names, [r.weight for r in cfg.rewards], d.single_scorer,
                                    seed=seed_for(t.seed, "dpo-label"))
         self.global_step = 0
-        self.ema = EMA(weights, t.ema_decay, t.ema_every) if t.ema else None
+        self.ema = EMA(weights, t.ema_decay, t.ema_every, t.ema_warmup) if t.ema else None
         self.base_eval: torch.Tensor | None = None  # scores [n_items, K] of the base model's eval images
         self.needs_rollout = d.mode == "online"
         if not self.needs_rollout:

@@ -51,7 +51,7 @@ class GRPOLearner(Learner):
         self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
         self.global_step = 0
         t = cfg.train
-        self.ema = EMA(weights, t.ema_decay, t.ema_every) if t.ema else None
+        self.ema = EMA(weights, t.ema_decay, t.ema_every, t.ema_warmup) if t.ema else None
         self.accumulation = gradient_accumulation(cfg, runtime.world_size)  # micro-batches per optimizer step
         self.steps_per_epoch = t.inner_epochs * layout.rows // self.accumulation  # optimizer steps
         self.lr_at = lr_schedule(t, total_steps=t.epochs * self.steps_per_epoch)
