@@ -239,8 +239,9 @@ def test_demo_bench_cuts_images_out_of_the_eval_grid(tmp_path):
 
 
 def test_demo_config_is_the_static_config_with_apex():
-    """`make demo` trains configs/tiny_cpu_apex.yaml; bench.tiny_demo and `make demo-apex` compare it with
-    static: the two configs differ only in the balancer (and APEX's smoothing) and the output folder."""
+    """`make demo` trains configs/tiny_cpu_apex.yaml: configs/tiny_cpu.yaml (the cheap base of tests and
+    benches) with APEX (and its smoothing), its own output folder and the demo's sample layout (16 prompts
+    x 8 images an epoch in 2 optimizer steps, Flow-GRPO's EMA warm-up); nothing else differs."""
     import dataclasses
 
     from apex_fast.config import load_config
@@ -251,4 +252,9 @@ def test_demo_config_is_the_static_config_with_apex():
     assert apex["balance"].pop("rho") == 0.98
     static["balance"].pop("rho")
     assert apex["log"].pop("output_dir") != static["log"].pop("output_dir")
+    layout = {("sample", "prompts_per_epoch"): (16, 4), ("sample", "batch_size"): (64, 32),
+              ("train", "micro_batch_size"): (16, 8), ("train", "optimizer_steps_per_epoch"): (2, 0),
+              ("train", "ema_warmup"): (True, False)}
+    for (part, key), (demo, base) in layout.items():
+        assert (apex[part].pop(key), static[part].pop(key)) == (demo, base), f"{part}.{key}"
     assert apex == static
