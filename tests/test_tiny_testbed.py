@@ -167,7 +167,7 @@ def test_demo_learning_direction_on_one_objective(tmp_path):
     -0.005), and short runs drift towards simpler images whatever the reward: 8 epochs with 4 SDE steps
     raise JPEG compressibility by +0.042 when trained on it and by +0.049 when trained on its negative
     (jpeg_incompressibility), seed 0. The seed-robust check at the demo's settings is the opt-in
-    test_demo_learning_follows_the_reward_sign; the 3-seed demo is in bench/results/tiny_demo.md."""
+    test_demo_learning_follows_the_reward_sign; the 3-seed demo is in bench/results/tiny_demo.md (the 4 x 8 layout it was tuned on: tiny_demo_4x8.md)."""
     from apex_fast.config import load_config
     from apex_fast.train import Trainer
 
