@@ -121,7 +121,8 @@ def run_sweep(spec: dict, out: Path, jobs: int, threads: int, device: str, budge
 def batch_trend(output_dir: str, names: list[str]) -> dict:
     """Per objective: the training batch mean reward (SDE rollouts) over the last quarter of the epochs
     minus the first quarter: what the policy learned on its own samples, next to the ODE eval change."""
-    rows = list(csv.DictReader((Path(output_dir) / "metrics.csv").open()))
+    path = Path(output_dir) / "metrics.csv"
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []  # a run folder moved away: NaN
     out = {}
     for n in names:
         v = [float(r[f"reward/{n}/mean"]) for r in rows if r.get(f"reward/{n}/mean") not in (None, "")]
