@@ -1,7 +1,7 @@
 """Many tiny-demo variants over seeds in parallel processes, one table: which settings make training on
 the embedded testbed raise every objective's eval reward beyond its 95% interval (issue 14)?
 
-    python -m bench.demo_sweep --spec bench/sweeps/tiny_demo_levers.yaml --jobs 2 --threads 1
+    python -m bench.demo_sweep --spec bench/sweeps/tiny_demo_cpu16.yaml --jobs 2 --threads 1
 
 The spec (YAML) names a base config, the seeds, overrides common to every run and the variants::
 
