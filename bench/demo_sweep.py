@@ -146,8 +146,9 @@ def collect(spec: dict, out: Path) -> dict:
                         runs.append(prev["result"])
             if runs:
                 summ = summarize({m: runs})[m]
+                trends = [batch_trend(r["output_dir"], list(summ)) for r in runs]  # one metrics.csv read per run
                 for n, o in summ.items():  # mean over seeds of the batch trend
-                    o["batch_trend"] = float(np.mean([batch_trend(r["output_dir"], list(summ))[n] for r in runs]))
+                    o["batch_trend"] = float(np.mean([t[n] for t in trends]))
                 res[v][m] = {"seeds_finished": len(runs), "objectives": summ,
                              "raised_beyond_ci": sum(bool(o["raised_beyond_ci"]) for o in summ.values()),
                              "seconds_mean": round(sum(r["seconds"] for r in runs) / len(runs), 1)}

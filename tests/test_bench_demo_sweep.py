@@ -66,7 +66,8 @@ def test_collect_reads_finished_runs_with_the_same_settings(tmp_path):
     assert res["a"]["apex"]["seeds_finished"] == 2
     assert o["changes"] == pytest.approx([0.1, 0.12])
     assert o["change_mean"] == pytest.approx(0.11)
-    assert o["change_ci95"] == pytest.approx(12.706 * 0.01 * 2**0.5 / 2**0.5, rel=1e-6)  # t(1) sd / sqrt 2
+    # n = 2: t(1) = 12.706 times sd / sqrt 2, sd of (0.10, 0.12) = 0.02 / sqrt 2, so sd / sqrt 2 = 0.01
+    assert o["change_ci95"] == pytest.approx(12.706 * 0.01, rel=1e-6)
     assert o["raised_beyond_ci"] is False and res["a"]["apex"]["raised_beyond_ci"] == 0
     assert "apex" not in res["b.2"] and "static" not in res["b.2"]
     tab = demo_sweep.table(res)
