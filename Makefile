@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 install: $(STAMP)
 
-# APEX on the embedded pretrained tiny SD3 (~7 min of training on 2 idle cores), into outputs/tiny_cpu_apex
+# APEX on the embedded pretrained tiny SD3 (~9.5 min on 2 idle cores), into outputs/tiny_cpu_apex
 demo: $(STAMP)
 	$(PY) -m apex_fast.train --config configs/tiny_cpu_apex.yaml --new-run
 
