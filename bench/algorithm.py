@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python bench/algorithm.py --scenario bench/scenarios/k6.yaml --methods apex,gdpo,mgda
     OMP_NUM_THREADS=1 python bench/algorithm.py --quick                 # 3 seeds x 40 epochs smoke run
     OMP_NUM_THREADS=1 python bench/algorithm.py --scenario paper_jitter --methods apex+mn-gram --merge  # add to the saved results
+    OMP_NUM_THREADS=1 python bench/algorithm.py --first-seed 16 --methods gdpo,mgda,apex --ablations none  # fresh seeds
 
 Not a test: CPU-only toys described by scenario files (bench/scenario.py documents the schema and the
 toy), trained with Flow-GRPO's clipped loss (SPEC 1: clip range 0.02, KL to the initial policy with
@@ -17,6 +18,8 @@ with Ahat[:, k], clipped to +-5) and their Gram each epoch and use the new coeff
 epoch; APEX, FAMO, static and gdpo commit once per epoch after the step (APEX with that epoch's Gram
 when its conflict_source is "gram", with the advantage-correlation proxy otherwise). Both flows go
 through apex_fast.grad.sequence, as in the trainer.
+Variants with `bench_gram: cross_epoch` get sym(J_t J_{t-1}^T) instead of the batch Gram J_t J_t^T
+(CrossEpochGram: the Gram of the mean gradients, without the sampling noise on the diagonal).
 
 Reported per scenario and method, mean +- standard error over seeds: improvement of the held-out
 deterministic policy (the ODE analogue, noiseless rewards, 64 held-out prompts) over the base policy,
@@ -53,6 +56,9 @@ from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios 
 
 BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
 METHODS = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad", "apex"]
+# a variant's measurement of the Gram (not a BalanceConfig field): "batch" (default) | "cross_epoch" |
+# "cross_epoch:w" (w x cross-epoch + (1 - w) x batch Gram)
+GRAM_KEY = "bench_gram"
 # ablations of APEX: name -> BalanceConfig overrides (method apex)
 VARIANTS = {
     "apex": {},
@@ -81,18 +87,27 @@ VARIANTS = {
     "apex+cone": {"dual_cone": True, "conflict_damping": 0.0},
     "apex+cone-damp": {"dual_cone": True},  # ... with the conflict damping (C from the Gram switches the need off)
     "apex+cone-last": {"dual_cone": True, "conflict_damping": 0.0, "beta_cone": 0.0},  # ... the last epoch's Gram
+    # ... with the Gram measured across epochs, sym(J_t J_{t-1}^T): E = mean gradients' Gram, no sampling-noise diagonal
+    "apex+cone-xgram": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "cross_epoch"},
+    "apex+cone-xgram75": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "cross_epoch:0.75"},  # a blend
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
-OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0"}
+OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0",
+          "apex+cone-xgram": "apex+cone with the Gram measured across epochs",
+          "apex+cone-xgram75": "apex+cone with 3/4 cross-epoch + 1/4 batch Gram"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
 
 def make_cfg(method: str) -> BalanceConfig:
     if method in VARIANTS:
-        return BalanceConfig(method="apex", **VARIANTS[method])
+        return BalanceConfig(method="apex", **{k: v for k, v in VARIANTS[method].items() if k != GRAM_KEY})
     return BalanceConfig(method=method)
+
+
+def gram_measurement(method: str) -> str:
+    return VARIANTS.get(method, {}).get(GRAM_KEY, "batch")
 
 
 class Adam:
@@ -143,6 +158,33 @@ def objective_gram(Ahat, e, z, mu):
     return A.T @ Kx @ A / N**2
 
 
+def objective_jacobian(Ahat, e, z, mu):
+    """J [K, D * E + D]: the per-objective surrogate gradients of objective_gram as vectors (dW flattened, then db)."""
+    N = Ahat.shape[0]
+    dlp = (z - mu).double() / (SIGMA**2 * D)
+    A = Ahat.double().clamp(-ADV_CLIP, ADV_CLIP)
+    dW = -torch.einsum("nk,nd,ne->kde", A, dlp, e.double()).flatten(1) / N
+    return torch.cat([dW, -(A.T @ dlp) / N], 1)
+
+
+class CrossEpochGram:
+    """w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T: the batch Gram J_t J_t^T estimates the second moment
+    mu mu^T + Sigma (the sampling noise of each gradient inflates the diagonal); the product of two epochs'
+    independent draws estimates the mean gradients' Gram mu mu^T. The first epoch (no previous J) gives the
+    batch Gram."""
+
+    def __init__(self, weight: float = 1.0):
+        self.prev, self.weight = None, weight
+
+    def __call__(self, Ahat, e, z, mu):
+        J = objective_jacobian(Ahat, e, z, mu)
+        M = J @ J.T
+        if self.prev is not None:
+            M = self.weight * 0.5 * (J @ self.prev.T + self.prev @ J.T) + (1 - self.weight) * M
+        self.prev = J
+        return M
+
+
 def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int = 5, trace: bool = False) -> dict:
     """Train every seed of ``sc`` with ``method``; returns per-seed metrics (and per-epoch traces)."""
     S, P, G, K = len(seeds), sc.prompts_per_epoch, sc.group_size, sc.K
@@ -156,6 +198,8 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
     W0, b0 = W.clone(), b.clone()
     cfg = make_cfg(method)
     bals = [make_balancer(cfg, sc.w, sc.names) for _ in seeds]
+    how = gram_measurement(method)
+    grams = [objective_gram if how == "batch" else CrossEpochGram(float(how.partition(":")[2] or 1)) for _ in seeds]
     gen = torch.Generator().manual_seed(30_000 + seeds[0] * 7919)
     gid = torch.arange(P).repeat_interleave(G)
     ev = toy.eval_prompts
@@ -184,7 +228,7 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
         A = torch.empty(S, N, dtype=dt)
         advs = []
         for s, bal in enumerate(bals):  # advantages -> Gram -> update -> advantages (apex_fast.grad.sequence)
-            measure = (lambda Ahat, s=s: objective_gram(Ahat, e[s], z[s], mu[s])) if bal.wants_gram else None
+            measure = (lambda Ahat, s=s: grams[s](Ahat, e[s], z[s], mu[s])) if bal.wants_gram else None
             adv = epoch_advantages(bal, R[s], gid, measure, same_epoch=same_epoch)
             A[s] = adv.A.double()
             advs.append(adv)
@@ -409,7 +453,8 @@ def render(blob: dict, meta: dict) -> str:
             lines += table(variant, variant)
     report = []
     for name, b in blob.items():
-        report.append(f"### scenario `{name}`: {b.get('description', '')}\n\n{b['seeds']} seeds x {b['epochs']} epochs, "
+        report.append(f"### scenario `{name}`: {b.get('description', '')}\n\n{b['seeds']} seeds"
+                      f"{' from ' + str(b['first_seed']) if b.get('first_seed') else ''} x {b['epochs']} epochs, "
                       f"weights {[round(x, 3) for x in b['weights']]}{', paper-shaped' if b['paper_shaped'] else ''}."
                       f"\n\n" + markdown_table(b["names"], b["summary"], b.get("methods", list(b["runs"]))))
     merged = "".join(f"Merged into it: `{c}`\n" for c in meta.get("merged", []))
@@ -430,9 +475,10 @@ def merge_into(path: Path, blob: dict, meta: dict) -> tuple[dict, dict]:
             data[name] = b
             continue
         d = data[name]
-        if (d["seeds"], d["epochs"]) != (b["seeds"], b["epochs"]):
-            raise SystemExit(f"--merge: scenario {name!r} has {d['seeds']} seeds x {d['epochs']} epochs in {path}, "
-                             f"this run {b['seeds']} x {b['epochs']}; use --seeds/--epochs to match")
+        if (d["seeds"], d.get("first_seed", 0), d["epochs"]) != (b["seeds"], b.get("first_seed", 0), b["epochs"]):
+            raise SystemExit(f"--merge: scenario {name!r} has {d['seeds']} seeds from {d.get('first_seed', 0)} x "
+                             f"{d['epochs']} epochs in {path}, this run {b['seeds']} from {b.get('first_seed', 0)} x "
+                             f"{b['epochs']}; use --seeds/--first-seed/--epochs to match")
         d["runs"].update(b["runs"])
         d["methods"] = list(d.get("methods", list(d["runs"]))) + [m for m in b["methods"] if m not in d.get("methods", [])]
         d["summary"] = summarise(d["runs"])
@@ -464,6 +510,8 @@ def main(argv=None) -> None:
                     help=f"comma list of APEX variants to add on the ablation scenarios ({','.join(ABLATION_SCENARIOS)}); "
                          "default: all when no --methods/--scenario is given, 'none' to skip")
     ap.add_argument("--seeds", type=int, default=None, help="override the scenario's seed count")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first..first+count-1 (e.g. 16 with 16 seeds: fresh seeds no default was chosen on)")
     ap.add_argument("--epochs", type=int, default=None, help="override the scenario's epoch count")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 seeds x 40 epochs (smoke run), writes *_quick files")
@@ -490,11 +538,11 @@ def main(argv=None) -> None:
         args.seeds, args.epochs = 3, 40
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_first_seed{args.first_seed}" if args.first_seed else "")
     t0 = time.time()
     blob = {}
     for sc in scens:
-        seeds = list(range(args.seeds or sc.seeds))
+        seeds = list(range(args.first_seed, args.first_seed + (args.seeds or sc.seeds)))
         epochs = args.epochs or sc.epochs
         ms = methods + [a for a in ablations if sc.name in ABLATION_SCENARIOS and a not in methods]
         res = {}
@@ -505,7 +553,8 @@ def main(argv=None) -> None:
                   f"HV {np.mean(res[m]['hypervolume']):.3f}", flush=True)
         summ = summarise(res)
         blob[sc.name] = {"scenario": sc.path, "description": sc.description, "paper_shaped": sc.paper_shaped,
-                         "names": sc.names, "signal": sc.signal, "weights": sc.w, "seeds": len(seeds), "epochs": epochs,
+                         "names": sc.names, "signal": sc.signal, "weights": sc.w, "seeds": len(seeds),
+                         "first_seed": seeds[0], "epochs": epochs,
                          "methods": ms, "summary": summ,
                          "runs": {m: {k: v for k, v in r.items() if k not in ("curve", "trace")} for m, r in res.items()},
                          "apex_trace_mean": {k: np.nanmean(np.array(v), 0).tolist()

@@ -136,6 +136,32 @@ def test_closed_form_gram_matches_autograd():
         rows.append(torch.cat([x.reshape(-1) for x in gk]))
     J = torch.stack(rows)
     torch.testing.assert_close(M, J @ J.T, rtol=1e-9, atol=1e-15)
+    Jc = alg.objective_jacobian(Ahat, e[0], z[0], mu[0])
+    torch.testing.assert_close(Jc, J, rtol=1e-9, atol=1e-15)
+
+
+def test_cross_epoch_gram_removes_the_sampling_noise_diagonal():
+    """Two independent draws around one mean gradient: their product estimates mu mu^T, the batch Gram
+    mu mu^T + Sigma (with a 1-column Ahat and pure-noise advantages mu = 0: the batch diagonal is all noise)."""
+    W, b, e, z, g = _toy_batch(S=1, N=64)
+    mu = torch.einsum("sde,sne->snd", W, e) + b[:, None]
+    cross = alg.CrossEpochGram()
+    batch, prod = [], []
+    for t in range(200):
+        Ahat = torch.randn(64, 2, generator=g, dtype=torch.float64)  # no signal: E[g_k] = 0
+        batch.append(alg.objective_gram(Ahat, e[0], z[0], mu[0]))
+        M = cross(Ahat, e[0], z[0], mu[0])
+        if t == 0:
+            torch.testing.assert_close(M, batch[0])  # no previous epoch yet: the batch Gram
+        else:
+            prod.append(M)
+            torch.testing.assert_close(M, M.T)
+    b_diag = torch.stack(batch).mean(0).diag()
+    p_diag = torch.stack(prod).mean(0).diag()
+    assert bool((b_diag > 0).all())
+    assert bool((p_diag.abs() < 0.2 * b_diag).all())  # the cross product's diagonal averages to ~0
+    assert alg.gram_measurement("apex+cone-xgram") == "cross_epoch" and alg.gram_measurement("apex") == "batch"
+    assert not hasattr(alg.make_cfg("apex+cone-xgram"), alg.GRAM_KEY)
 
 
 @pytest.mark.parametrize("method", ["apex", "mgda", "famo"])
@@ -196,3 +222,6 @@ def test_merge_adds_runs_and_refuses_other_seed_counts(tmp_path):
     bad = {"s": {"seeds": 3, "epochs": 3, "methods": ["apex"], "runs": {"apex": run([0.3, 0.5, 0.1])}}}
     with pytest.raises(SystemExit, match="'s' has 2 seeds"):
         alg.merge_into(path, bad, {"command": "third", "seconds": 1.0})
+    fresh = {"s": {"seeds": 2, "first_seed": 16, "epochs": 3, "methods": ["apex"], "runs": {"apex": run([0.3, 0.5])}}}
+    with pytest.raises(SystemExit, match="2 seeds from 0 .* this run 2 from 16"):  # other seeds: never paired
+        alg.merge_into(path, fresh, {"command": "fourth", "seconds": 1.0})
