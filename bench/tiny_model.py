@@ -36,7 +36,7 @@ from apex_fast.rl.rollout import Conditioning, decode_latents, sample
 REWARDS = {
     # as configs/tiny_cpu.yaml: lenient detection thresholds for blurry 64 px words
     "ocr": {"engine_kwargs": {"det_limit_side_len": 128, "det_limit_type": "max", "det_thresh": 0.2,
-                              "det_box_thresh": 0.2, "text_score": 0.2}},
+                              "det_box_thresh": 0.2, "text_score": 0.2, "use_cls": True}},
     "prompt_alignment": {},
     "jpeg_compressibility": {},
     "contrast": {},

@@ -146,6 +146,15 @@ def test_rapidocr_reads_rendered_text(rapid):
     assert rapid(x, prompts, [{}, {}]).tolist() == [1.0, 1.0]
 
 
+def test_rapidocr_runs_without_the_angle_classifier_by_default(rapid):
+    """Flow-GRPO's PaddleOCR call passes cls=False; engine_kwargs use_cls: true opts back in."""
+    assert rapid.engine.rapidocr.use_cls is False
+    on = make_scorer("ocr", engine_kwargs={"use_cls": True})
+    assert on.engine.rapidocr.use_cls is True
+    imgs = np.stack([render_text("HELLO", 256, 48)])
+    assert on(imgs, ['"hello"'], [{}]).tolist() == rapid(imgs, ['"hello"'], [{}]).tolist() == [1.0]
+
+
 def test_rapidocr_blank_image_scores_zero(rapid):
     r = rapid(np.full((1, 128, 128, 3), 255, np.uint8), ['"hello"'], [{}])
     assert r.tolist() == [0.0]

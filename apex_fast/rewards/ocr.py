@@ -67,13 +67,15 @@ def _rapidocr_engine(**kwargs) -> Callable[[np.ndarray], list[str]]:
         from rapidocr_onnxruntime import RapidOCR
     except ImportError as e:  # pragma: no cover - it is a base dependency
         raise ImportError("ocr reward (engine='rapidocr') needs `pip install rapidocr-onnxruntime`") from e
-    eng = RapidOCR(**kwargs)
+    # Flow-GRPO calls PaddleOCR with cls=False: no text-angle classifier unless asked for (use_cls: true)
+    eng = RapidOCR(**{"use_cls": False, **kwargs})
 
     def run(img: np.ndarray) -> list[str]:
         # a numpy input is taken as BGR (OpenCV convention) by rapidocr
         result, _ = eng(np.ascontiguousarray(img[..., ::-1]))
         return [str(r[1]) for r in (result or [])]
 
+    run.rapidocr = eng  # the engine object, for inspection
     return run
 
 
