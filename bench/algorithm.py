@@ -19,7 +19,8 @@ epoch; APEX, FAMO, static and gdpo commit once per epoch after the step (APEX wi
 when its conflict_source is "gram", with the advantage-correlation proxy otherwise). Both flows go
 through apex_fast.grad.sequence, as in the trainer.
 Variants with `bench_gram: cross_epoch` get sym(J_t J_{t-1}^T) instead of the batch Gram J_t J_t^T
-(CrossEpochGram: the Gram of the mean gradients, without the sampling noise on the diagonal).
+(the Gram of the mean gradients, without the sampling noise on the diagonal), with `+adam` in Adam's
+metric (GramMeasure).
 
 Reported per scenario and method, mean +- standard error over seeds: improvement of the held-out
 deterministic policy (the ODE analogue, noiseless rewards, 64 held-out prompts) over the base policy,
@@ -57,7 +58,7 @@ from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios 
 BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
 METHODS = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad", "apex"]
 # a variant's measurement of the Gram (not a BalanceConfig field): "batch" (default) | "cross_epoch" |
-# "cross_epoch:w" (w x cross-epoch + (1 - w) x batch Gram)
+# "cross_epoch:w" (w x cross-epoch + (1 - w) x batch Gram), each optionally "+adam" (in Adam's metric)
 GRAM_KEY = "bench_gram"
 # ablations of APEX: name -> BalanceConfig overrides (method apex)
 VARIANTS = {
@@ -90,12 +91,16 @@ VARIANTS = {
     # ... with the Gram measured across epochs, sym(J_t J_{t-1}^T): E = mean gradients' Gram, no sampling-noise diagonal
     "apex+cone-xgram": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "cross_epoch"},
     "apex+cone-xgram75": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "cross_epoch:0.75"},  # a blend
+    "apex+cone-adam": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "batch+adam"},  # Adam's metric
+    "apex+cone-xgram-adam": {"dual_cone": True, "conflict_damping": 0.0, GRAM_KEY: "cross_epoch+adam"},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
 OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0",
           "apex+cone-xgram": "apex+cone with the Gram measured across epochs",
-          "apex+cone-xgram75": "apex+cone with 3/4 cross-epoch + 1/4 batch Gram"}
+          "apex+cone-xgram75": "apex+cone with 3/4 cross-epoch + 1/4 batch Gram",
+          "apex+cone-adam": "apex+cone with the Gram in Adam's metric",
+          "apex+cone-xgram-adam": "apex+cone with the cross-epoch Gram in Adam's metric"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
@@ -167,22 +172,47 @@ def objective_jacobian(Ahat, e, z, mu):
     return torch.cat([dW, -(A.T @ dlp) / N], 1)
 
 
-class CrossEpochGram:
-    """w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T: the batch Gram J_t J_t^T estimates the second moment
-    mu mu^T + Sigma (the sampling noise of each gradient inflates the diagonal); the product of two epochs'
-    independent draws estimates the mean gradients' Gram mu mu^T. The first epoch (no previous J) gives the
-    batch Gram."""
+class GramMeasure:
+    """The Gram a variant's balancer gets, from the closed-form J_t [K, P] of this epoch:
 
-    def __init__(self, weight: float = 1.0):
-        self.prev, self.weight = None, weight
+    * ``cross_weight`` w: ``w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T``. The batch Gram J_t J_t^T estimates
+      the second moment mu mu^T + Sigma (each gradient's sampling noise inflates its diagonal); the product
+      of two epochs' independent draws estimates the mean gradients' Gram mu mu^T. The first epoch (no
+      previous J) gives the batch Gram.
+    * ``metric`` [P] or None: inner products in that metric, ``J diag(metric) J^T`` (Adam's 1 / (sqrt(v) +
+      eps): a direction that conflicts with no gradient in the step Adam actually takes)."""
 
-    def __call__(self, Ahat, e, z, mu):
+    def __init__(self, cross_weight: float = 0.0):
+        self.prev, self.w = None, cross_weight
+
+    def __call__(self, Ahat, e, z, mu, metric=None):
         J = objective_jacobian(Ahat, e, z, mu)
-        M = J @ J.T
-        if self.prev is not None:
-            M = self.weight * 0.5 * (J @ self.prev.T + self.prev @ J.T) + (1 - self.weight) * M
+        Jm = J if metric is None else J * metric
+        M = Jm @ J.T
+        if self.w and self.prev is not None:
+            M = self.w * 0.5 * (Jm @ self.prev.T + self.prev @ Jm.T) + (1 - self.w) * M
         self.prev = J
         return M
+
+
+def parse_gram_measurement(how: str) -> tuple[float, bool]:
+    """"batch" | "cross_epoch[:w]", optionally "+adam" -> (cross-epoch weight, Adam metric)."""
+    base, _, metric = how.partition("+")
+    if metric not in ("", "adam") or not (base == "batch" or base.startswith("cross_epoch")):
+        raise ValueError(f"{GRAM_KEY}: expected batch or cross_epoch[:w], optionally +adam, got {how!r}")
+    w = 0.0 if base == "batch" else float(base.partition(":")[2] or 1)
+    return w, metric == "adam"
+
+
+def adam_metric(opt, s: int):
+    """Adam's per-coordinate step scale 1 / (sqrt(v_hat) + eps) of seed s, in objective_jacobian's layout
+    (dW flattened, then db), normalised to mean 1; None before the first step."""
+    if opt.t == 0:
+        return None
+    c2 = 1 - opt.b2**opt.t
+    v = torch.cat([opt.v[0][s].flatten(), opt.v[1][s]])
+    P = 1.0 / ((v / c2).sqrt() + opt.eps)
+    return P / P.mean()
 
 
 def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int = 5, trace: bool = False) -> dict:
@@ -198,8 +228,14 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
     W0, b0 = W.clone(), b.clone()
     cfg = make_cfg(method)
     bals = [make_balancer(cfg, sc.w, sc.names) for _ in seeds]
-    how = gram_measurement(method)
-    grams = [objective_gram if how == "batch" else CrossEpochGram(float(how.partition(":")[2] or 1)) for _ in seeds]
+    cross_weight, in_adam_metric = parse_gram_measurement(gram_measurement(method))
+    plain = not cross_weight and not in_adam_metric  # the closed form, as every stored run measured it
+    grams = [GramMeasure(cross_weight) for _ in seeds]
+
+    def measure_of(s):
+        if plain:
+            return lambda Ahat: objective_gram(Ahat, e[s], z[s], mu[s])
+        return lambda Ahat: grams[s](Ahat, e[s], z[s], mu[s], adam_metric(opt, s) if in_adam_metric else None)
     gen = torch.Generator().manual_seed(30_000 + seeds[0] * 7919)
     gid = torch.arange(P).repeat_interleave(G)
     ev = toy.eval_prompts
@@ -228,7 +264,7 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
         A = torch.empty(S, N, dtype=dt)
         advs = []
         for s, bal in enumerate(bals):  # advantages -> Gram -> update -> advantages (apex_fast.grad.sequence)
-            measure = (lambda Ahat, s=s: grams[s](Ahat, e[s], z[s], mu[s])) if bal.wants_gram else None
+            measure = measure_of(s) if bal.wants_gram else None
             adv = epoch_advantages(bal, R[s], gid, measure, same_epoch=same_epoch)
             A[s] = adv.A.double()
             advs.append(adv)

@@ -145,7 +145,7 @@ def test_cross_epoch_gram_removes_the_sampling_noise_diagonal():
     mu mu^T + Sigma (with a 1-column Ahat and pure-noise advantages mu = 0: the batch diagonal is all noise)."""
     W, b, e, z, g = _toy_batch(S=1, N=64)
     mu = torch.einsum("sde,sne->snd", W, e) + b[:, None]
-    cross = alg.CrossEpochGram()
+    cross = alg.GramMeasure(cross_weight=1.0)
     batch, prod = [], []
     for t in range(200):
         Ahat = torch.randn(64, 2, generator=g, dtype=torch.float64)  # no signal: E[g_k] = 0
@@ -162,6 +162,42 @@ def test_cross_epoch_gram_removes_the_sampling_noise_diagonal():
     assert bool((p_diag.abs() < 0.2 * b_diag).all())  # the cross product's diagonal averages to ~0
     assert alg.gram_measurement("apex+cone-xgram") == "cross_epoch" and alg.gram_measurement("apex") == "batch"
     assert not hasattr(alg.make_cfg("apex+cone-xgram"), alg.GRAM_KEY)
+    # in a metric: J diag(P) J^T; a blend weighs the two estimates
+    Ahat = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    J = alg.objective_jacobian(Ahat, e[0], z[0], mu[0])
+    P = torch.rand(J.shape[1], generator=g, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(alg.GramMeasure()(Ahat, e[0], z[0], mu[0], P), (J * P) @ J.T)
+    half = alg.GramMeasure(cross_weight=0.5)
+    half(Ahat, e[0], z[0], mu[0])
+    A2 = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    J2 = alg.objective_jacobian(A2, e[0], z[0], mu[0])
+    torch.testing.assert_close(half(A2, e[0], z[0], mu[0]), 0.25 * (J2 @ J.T + J @ J2.T) + 0.5 * J2 @ J2.T)
+
+
+@pytest.mark.parametrize("how,expected", [("batch", (0.0, False)), ("cross_epoch", (1.0, False)),
+                                          ("cross_epoch:0.75+adam", (0.75, True)), ("batch+adam", (0.0, True))])
+def test_gram_measurement_specs(how, expected):
+    assert alg.parse_gram_measurement(how) == expected
+
+
+@pytest.mark.parametrize("bad", ["cross", "batch+sgd", "epochs"])
+def test_gram_measurement_spec_errors_name_the_key(bad):
+    with pytest.raises(ValueError, match="bench_gram: expected batch or cross_epoch"):
+        alg.parse_gram_measurement(bad)
+
+
+def test_adam_metric_is_the_step_scale_of_each_coordinate():
+    """After Adam steps the metric is 1 / (sqrt(v_hat) + eps) of that seed, mean 1, in J's layout."""
+    W = torch.randn(2, alg.D, 8, dtype=torch.float64)
+    b = torch.randn(2, alg.D, dtype=torch.float64)
+    opt = alg.Adam([W, b], 0.01)
+    assert alg.adam_metric(opt, 0) is None
+    gW, gb = torch.randn_like(W), torch.randn_like(b) * 10
+    opt.step([gW, gb])
+    P = alg.adam_metric(opt, 1)
+    assert P.shape == (alg.D * 8 + alg.D,) and abs(float(P.mean()) - 1) < 1e-12
+    raw = 1 / torch.cat([gW[1].abs().flatten(), gb[1].abs()])  # v_hat = g^2 after one step
+    torch.testing.assert_close(P, raw / raw.mean(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", ["apex", "mgda", "famo"])
