@@ -10,6 +10,8 @@ METHODS = ("static", "gdpo", "apex", "famo", "pcgrad", "mgda", "cagrad", "upgrad
 CONFLICT_SOURCES = ("auto", "gram", "proxy")
 WARMUP_PRIORITIES = ("uniform", "weights")
 GRADIENTS = ("proxy", "one_backward", "k_backward")
+GRAM_ESTIMATES = ("batch", "cross_epoch")
+GRAM_METRICS = ("parameters", "adam")
 
 
 @dataclass
@@ -83,6 +85,9 @@ class BalanceConfig:
     gradients: str = "proxy"  # where per-objective gradients come from: proxy | one_backward | k_backward (README "Per-objective gradients")
     gram_every_steps: int = 1  # one_backward/k_backward: optimizer steps between captures (others: plain steps)
     gram_layers: list | None = None  # module-name globs/substrings of the LoRA layers whose gradients enter the Gram (None: all)
+    # one_backward/k_backward only (apex_fast/grad/estimate.py): the Gram update() gets after the epoch
+    gram_estimate: str = "batch"  # batch: J_t J_t^T (second moment: noise on the diagonal) | cross_epoch: sym(J_t J_{t-1}^T), the mean gradients'
+    gram_metric: str = "parameters"  # parameters | adam: inner products in AdamW's step metric 1 / (sqrt(v_hat) + eps) (torch engine)
 
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -128,6 +133,13 @@ class BalanceConfig:
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
+        need(self.gram_estimate in GRAM_ESTIMATES, "gram_estimate",
+             f"must be one of {', '.join(GRAM_ESTIMATES)}, got {self.gram_estimate!r}")
+        need(self.gram_metric in GRAM_METRICS, "gram_metric", f"must be one of {', '.join(GRAM_METRICS)}, got {self.gram_metric!r}")
+        for f, default in (("gram_estimate", "batch"), ("gram_metric", "parameters")):
+            need(getattr(self, f) == default or self.gradients != "proxy", f,
+                 f"{getattr(self, f)} needs the epoch's per-objective gradients: set balance.gradients: one_backward "
+                 f"(or k_backward); the proxy probes one micro-batch")
         need(isinstance(self.gram_every_steps, int) and not isinstance(self.gram_every_steps, bool)
              and self.gram_every_steps >= 1, "gram_every_steps",
              f"must be an integer >= 1, got {self.gram_every_steps!r}")

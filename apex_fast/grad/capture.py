@@ -224,6 +224,10 @@ class ObjectiveGradients:
                 out.append(s.J)
         return out
 
+    def gram_params(self) -> list[torch.Tensor]:
+        """The parameters of ``jacobian(gram=True)``'s blocks, in its order."""
+        return [s.module.weight for s in self.slots if s.in_gram]
+
     def zero_(self) -> None:
         bufs = [s.J for s in self.slots if s.J is not None]
         if bufs:

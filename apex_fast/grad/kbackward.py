@@ -37,6 +37,10 @@ class KBackwardGradients:
     def jacobian(self, gram: bool = False) -> list[torch.Tensor]:
         return [j for j, g in zip(self.J, self.in_gram) if j is not None and (g or not gram)]
 
+    def gram_params(self) -> list[torch.Tensor]:
+        """The parameters of ``jacobian(gram=True)``'s blocks, in its order."""
+        return [p for p, j, g in zip(self.params, self.J, self.in_gram) if j is not None and g]
+
     def zero_(self) -> None:
         for j in self.J:
             if j is not None:

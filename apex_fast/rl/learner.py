@@ -19,7 +19,8 @@ Per-objective gradients (``balance.gradients``, SPEC 5):
     one K x K all-reduce) -> c -> the update ``c^T J`` (grad/combine.py) replaces the advantages';
     steps between captures train on ``Ahat c`` with the last c.
   - Every method: the Gram of the epoch's summed captured gradients goes to ``balancer.update()``
-    after the epoch (APEX's conflict penalty from the real update's cosines).
+    after the epoch (APEX's conflict penalty from the real update's cosines; ``balance.gram_estimate``
+    cross_epoch and ``gram_metric`` adam change which Gram, grad/estimate.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..grad import (KBackwardGradients, ObjectiveGradients, aggregated_update, aggregator_coefficients,
-                    commit_epoch, epoch_advantages, is_aggregator, probe_gram, scaled_coefficients, sharded_gram)
+from ..grad import (EpochGram, KBackwardGradients, ObjectiveGradients, adam_step_scale, aggregated_update,
+                    aggregator_coefficients, commit_epoch, epoch_advantages, is_aggregator, probe_gram,
+                    scaled_coefficients, sharded_gram)
 from ..learner import Learner
 from ..metrics import GRPO_STEP_STATS, SKIPPED_STEPS, advantage_metrics
 from ..models import lora_disabled
@@ -40,6 +42,13 @@ from ..tracking import bars_enabled
 from .loss import grpo_loss, kl_std, step_kl, unclipped_mask
 from .rollout import flow_sigmas, predict_velocity
 from .sde import sde_step_with_logprob
+
+
+def check_gram_metric(balance, engine) -> None:
+    """balance.gram_metric adam reads AdamW's state per trained weight: only the torch engine keeps it so."""
+    if balance.gram_metric == "adam" and not getattr(engine, "adam_state_of_params", False):
+        raise ConfigError("balance.gram_metric: adam reads AdamW's state per LoRA weight, which DeepSpeed keeps "
+                          "on its own fp32 copies; use balance.gram_metric: parameters under DeepSpeed")
 
 
 class GRPOLearner(Learner):
@@ -67,9 +76,11 @@ class GRPOLearner(Learner):
             if engine.zero_stage == 3:
                 raise ConfigError(f"balance.gradients: {b.gradients} is not supported under ZeRO-3 (partitioned "
                                   f"LoRA weights); use ZeRO-2 (configs/ds_zero2.json) or balance.gradients: proxy")
+            check_gram_metric(b, engine)
             self.aggregates = is_aggregator(balancer)
             make = ObjectiveGradients if b.gradients == "one_backward" else KBackwardGradients
             self.grads = make(self.transformer, self.params, balancer.K, b.gram_layers, collect_all=self.aggregates)
+        self.epoch_gram = EpochGram(b.gram_estimate)  # which Gram update() gets (batch / cross-epoch)
 
     # ------------------------------------------------------------------ one epoch
     def learn(self, batch, R, group_ids, epoch):
@@ -293,10 +304,14 @@ class GRPOLearner(Learner):
             torch._foreach_add_(self._epoch_J, gram_blocks)
 
     def _epoch_gram(self) -> torch.Tensor | None:
-        """Gram of the epoch's summed captured gradients (None: nothing captured this epoch)."""
+        """Gram of the epoch's summed captured gradients as ``balance.gram_estimate`` / ``gram_metric`` ask
+        (grad/estimate.py; None: nothing captured this epoch)."""
         if self.grads is None or self._epoch_J is None:
             return None
-        M = sharded_gram(self._epoch_J, self.runtime)
+        scale = None
+        if self.cfg.balance.gram_metric == "adam":  # None before the first step: the parameter metric
+            scale = adam_step_scale(self.engine.optimizer, self.grads.gram_params())
+        M = self.epoch_gram(self._epoch_J, self.runtime, scale)
         self._epoch_J = None
         return M
 

@@ -74,6 +74,8 @@ class TorchEngine:
     zero_stage = 0
     # gradients may reach .grad by any backward (DeepSpeed: only through its backward or add_grads)
     accepts_direct_grads = True
+    # optimizer.state is keyed by the trained parameters themselves (DeepSpeed's by its fp32 master copies)
+    adam_state_of_params = True
     _nonfinite_loss = False
 
     def set_hyperparameters(self, t) -> None:

@@ -1,0 +1,63 @@
+"""Which Gram of the epoch's per-objective gradients the balancer gets after the epoch
+(``balance.gram_estimate``, ``balance.gram_metric``; README "The dual-cone combination").
+
+* ``batch`` (default): ``M = J_t J_t^T`` of this epoch's summed gradients. It estimates the second
+  moment ``mu mu^T + Sigma``: each gradient's sampling noise adds to its own diagonal, so a noisy
+  objective (a sparse OCR reward) reads as larger and less opposed to the others than it is.
+* ``cross_epoch``: ``M = sym(J_t J_{t-1}^T)``, the Gram of the mean gradients (two epochs' draws are
+  independent, so the noise terms average out). Computed by polarization,
+  ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py: no new
+  collective; each rank keeps its own previous blocks (K x the Gram layers' size). The first epoch
+  (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram.
+* metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
+  ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
+  AdamW step conflicts with none (the optimizer steps along ``P m``, not along the gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reduce import sharded_gram
+
+
+def adam_step_scale(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """``1 / (sqrt(exp_avg_sq / (1 - beta2^step)) + eps)`` per parameter of a torch Adam/AdamW, normalised
+    to mean 1 over all their coordinates (the balancers normalise the Gram's scale anyway); None while
+    a parameter has no state yet (before the first step)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in st or id(p) not in group_of:
+            return None
+        g = group_of[id(p)]
+        step = float(st["step"])
+        v_hat = st["exp_avg_sq"].float() / (1 - g["betas"][1] ** step)
+        out.append(1.0 / (v_hat.sqrt() + g["eps"]))
+    total = sum(float(s.sum()) for s in out)
+    count = sum(s.numel() for s in out)
+    return [s * (count / total) for s in out]
+
+
+class EpochGram:
+    """``M = estimate(blocks)`` once per epoch; ``blocks`` [K, *shape] per Gram-layer parameter (this
+    rank's sums over the epoch), ``scale`` the metric per parameter (same shapes without K, or None)."""
+
+    def __init__(self, estimate: str = "batch"):
+        if estimate not in ("batch", "cross_epoch"):
+            raise ValueError(f"balance.gram_estimate must be batch or cross_epoch, got {estimate!r}")
+        self.estimate = estimate
+        self.prev: list[torch.Tensor] | None = None
+
+    def __call__(self, blocks: list[torch.Tensor], runtime=None, scale: list[torch.Tensor] | None = None) -> torch.Tensor:
+        def metric(bs):
+            return bs if scale is None else [b * s.sqrt().to(b) for b, s in zip(bs, scale)]
+
+        prev = self.prev
+        if self.estimate == "cross_epoch":
+            self.prev = [b.clone() for b in blocks]
+        if prev is None or self.estimate == "batch":
+            return sharded_gram(metric(blocks), runtime)
+        plus = sharded_gram(metric([a + b for a, b in zip(blocks, prev)]), runtime)
+        minus = sharded_gram(metric([a - b for a, b in zip(blocks, prev)]), runtime)
+        return (plus - minus) / 4
