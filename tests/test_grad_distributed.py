@@ -1,6 +1,6 @@
 """Per-objective gradients over ranks (gloo, CPU): the sharded Gram (each rank's partial Gram over
 the shard of the averaged J it owns after one reduce-scatter, one all-reduce of K x K values) is the
-one-process Gram and identical on every rank; a 2-process DeepSpeed ZeRO-2 run with
+one-process Gram and identical on every rank, and so is the cross-epoch Gram built from it; a 2-process DeepSpeed ZeRO-2 run with
 balance.gradients one_backward trains like one process."""
 import json
 import subprocess
@@ -32,7 +32,7 @@ ATOL = 2e-4  # as tests/test_distributed_multiproc.py: float rounding magnified 
 GRAM_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from apex_fast.grad import sharded_gram
+from apex_fast.grad import EpochGram, sharded_gram
 from apex_fast.runtime import Runtime
 dist.init_process_group("gloo")
 r, w = dist.get_rank(), dist.get_world_size()
@@ -44,9 +44,18 @@ out = [torch.zeros_like(M) for _ in range(w)]
 dist.all_gather(out, M)
 mean = [sum(b) / w for b in zip(*[blocks(q) for q in range(w)])]
 flat = torch.cat([b.reshape(3, -1) for b in mean], 1).double()
+# balance.gram_estimate cross_epoch: each rank keeps its own previous blocks; the polarized sharded Grams
+# give sym(mean J_2 mean J_1^T)
+est = EpochGram("cross_epoch")
+est(blocks(r), Runtime(rank=r, world_size=w))
+M2 = est(blocks(r + 10), Runtime(rank=r, world_size=w))
+mean2 = [sum(b) / w for b in zip(*[blocks(q + 10) for q in range(w)])]
+a = torch.cat([b.reshape(3, -1) for b in mean2], 1).double()
+cross = 0.5 * (a @ flat.T + flat @ a.T)
 if r == 0:
     json.dump(dict(same=all(torch.equal(o, M) for o in out), err=float((M - flat @ flat.T).abs().max()),
-                   scale=float((flat @ flat.T).abs().max())), open({out!r}, "w"))
+                   scale=float((flat @ flat.T).abs().max()), cross_err=float((M2 - cross).abs().max()),
+                   cross_scale=float(cross.abs().max())), open({out!r}, "w"))
 dist.destroy_process_group()
 """
 
@@ -59,6 +68,7 @@ def test_sharded_gram_is_the_gram_of_the_mean_and_identical_on_every_rank(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["same"] and res["err"] <= 1e-5 * res["scale"], res
+    assert res["cross_err"] <= 1e-5 * res["cross_scale"], res
     one = [torch.randn(2, 4), torch.randn(2, 3)]  # one process: the plain Gram
     flat = torch.cat(one, 1).double()
     assert torch.allclose(sharded_gram(one), flat @ flat.T, atol=1e-5)
