@@ -6,8 +6,8 @@
   objective (a sparse OCR reward) reads as larger and less opposed to the others than it is.
 * ``cross_epoch``: ``M = sym(J_t J_{t-1}^T)``, the Gram of the mean gradients (two epochs' draws are
   independent, so the noise terms average out). Computed by polarization,
-  ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py: no new
-  collective; each rank keeps its own previous blocks (K x the Gram layers' size). The first epoch
+  ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py (twice an
+  epoch, no other collective); each rank keeps its own previous blocks (K x the Gram layers' size). The first epoch
   (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram.
 * metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
   ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
