@@ -64,10 +64,15 @@ def test_bad_estimate_names_the_field():
 
 
 def test_adam_step_scale_is_adamw_per_coordinate_step_scale():
+    """From a real torch AdamW after 3 steps: 1 / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^3), mean 1."""
+    from apex_fast.runtime.engines import TorchEngine
+
     g = torch.Generator().manual_seed(7)
     params = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
     opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
-    assert adam_step_scale(opt, params) is None  # no state before the first step
+    engine = object.__new__(TorchEngine)
+    engine.optimizer = opt
+    assert engine.exp_avg_sq(params) is None and adam_step_scale(None, 0, 0.99, 1e-6) is None
     grads = []
     for _ in range(3):
         step = [torch.randn(p.shape, generator=g) * (i + 1) for i, p in enumerate(params)]
@@ -75,7 +80,7 @@ def test_adam_step_scale_is_adamw_per_coordinate_step_scale():
         for p, s in zip(params, step):
             p.grad = s.clone()
         opt.step()
-    P = adam_step_scale(opt, params)
+    P = adam_step_scale(engine.exp_avg_sq(params), 3, 0.99, 1e-6)
     raw = []
     for i in range(2):
         v = sum(0.99 ** (2 - t) * 0.01 * grads[t][i] ** 2 for t in range(3))
@@ -130,11 +135,39 @@ def test_the_trainer_hands_the_cross_epoch_adam_gram_to_the_balancer(tmp_path):
     assert all(float(rows[-1][f"coef/{n}"]) > 0 for n in ("jpeg_compressibility", "colorfulness", "contrast"))
 
 
-def test_adam_metric_is_refused_where_adamw_state_is_not_per_parameter(tmp_path):
-    from apex_fast.rl.learner import check_gram_metric
-    from apex_fast.runtime.engines import DeepSpeedEngine, TorchEngine
+def test_deepspeed_zero2_gives_the_same_adam_metric_gram_as_the_torch_engine(tmp_path):
+    """ZeRO-2 keeps AdamW's v in fp32 partitions (assembled by DeepSpeed's safe_get_full_optimizer_state):
+    one process under DeepSpeed logs the same Gram cosines as the torch engine, and those differ from the
+    parameter metric's (so the metric was applied, not skipped)."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    cfg = make_cfg(tmp_path, "balance.method=apex", "balance.gradients=one_backward", "balance.gram_metric=adam")
-    check_gram_metric(cfg.balance, TorchEngine)  # its AdamW state is keyed by the LoRA weights
-    with pytest.raises(ConfigError, match="balance.gram_metric: adam .* DeepSpeed"):
-        check_gram_metric(cfg.balance, DeepSpeedEngine)
+    from test_grad_training import FAST, ROOT
+
+    # the batch estimate: its logged cosines are those of the metric's Gram (the cross-epoch one can have a
+    # negative diagonal on this random model, whose cosines then read 0)
+    base = ["train.epochs=2", "balance.method=apex", "balance.gradients=one_backward", "balance.dual_cone=true",
+            "balance.conflict_damping=0", "train.ema=false"]
+    out = tmp_path / "ds"
+    args = [sys.executable, str(ROOT / "apex_fast/train.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"),
+            "--output-dir", str(out), "--deepspeed", str(ROOT / "configs/ds_zero2.json")]
+    for o in FAST + base + ["balance.gram_metric=adam"]:
+        args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for metric in ("adam", "parameters"):
+        Trainer(make_cfg(tmp_path, *base, f"balance.gram_metric={metric}", name=metric)).fit()
+
+    def cosines(folder):
+        rows = list(csv.DictReader((folder / "metrics.csv").open()))
+        return {k: float(v) for k, v in rows[-1].items() if k.startswith("cos/") and v}
+
+    ds, adam, plain = cosines(out), cosines(tmp_path / "adam"), cosines(tmp_path / "parameters")
+    assert ds and set(ds) == set(adam) == set(plain)
+    assert max(abs(ds[k] - adam[k]) for k in ds) < 1e-3, (ds, adam)
+    assert max(abs(adam[k] - plain[k]) for k in adam) > 1e-2, (adam, plain)
+    assert json.loads((out / "checkpoints/checkpoint-000002/state.json").read_text())["global_step"] > 0

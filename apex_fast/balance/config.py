@@ -87,7 +87,7 @@ class BalanceConfig:
     gram_layers: list | None = None  # module-name globs/substrings of the LoRA layers whose gradients enter the Gram (None: all)
     # one_backward/k_backward only (apex_fast/grad/estimate.py): the Gram update() gets after the epoch
     gram_estimate: str = "batch"  # batch: J_t J_t^T (second moment: noise on the diagonal) | cross_epoch: sym(J_t J_{t-1}^T), the mean gradients'
-    gram_metric: str = "parameters"  # parameters | adam: inner products in AdamW's step metric 1 / (sqrt(v_hat) + eps) (torch engine)
+    gram_metric: str = "parameters"  # parameters | adam: inner products in AdamW's step metric 1 / (sqrt(v_hat) + eps)
 
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:

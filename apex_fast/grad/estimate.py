@@ -20,20 +20,13 @@ import torch
 from .reduce import sharded_gram
 
 
-def adam_step_scale(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """``1 / (sqrt(exp_avg_sq / (1 - beta2^step)) + eps)`` per parameter of a torch Adam/AdamW, normalised
-    to mean 1 over all their coordinates (the balancers normalise the Gram's scale anyway); None while
-    a parameter has no state yet (before the first step)."""
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
-    for p in params:
-        st = optimizer.state.get(p, {})
-        if "exp_avg_sq" not in st or id(p) not in group_of:
-            return None
-        g = group_of[id(p)]
-        step = float(st["step"])
-        v_hat = st["exp_avg_sq"].float() / (1 - g["betas"][1] ** step)
-        out.append(1.0 / (v_hat.sqrt() + g["eps"]))
+def adam_step_scale(exp_avg_sq: list[torch.Tensor] | None, step: int, beta2: float, eps: float) -> list[torch.Tensor] | None:
+    """AdamW's per-coordinate step scale ``1 / (sqrt(v / (1 - beta2^step)) + eps)`` of each parameter
+    (``exp_avg_sq``: its v; ``step``: the optimizer steps taken), normalised to mean 1 over all their
+    coordinates (the balancers normalise the Gram's scale anyway); None before the first step."""
+    if exp_avg_sq is None or step < 1:
+        return None
+    out = [1.0 / ((v.float() / (1 - beta2**step)).sqrt() + eps) for v in exp_avg_sq]
     total = sum(float(s.sum()) for s in out)
     count = sum(s.numel() for s in out)
     return [s * (count / total) for s in out]

@@ -44,13 +44,6 @@ from .rollout import flow_sigmas, predict_velocity
 from .sde import sde_step_with_logprob
 
 
-def check_gram_metric(balance, engine) -> None:
-    """balance.gram_metric adam reads AdamW's state per trained weight: only the torch engine keeps it so."""
-    if balance.gram_metric == "adam" and not getattr(engine, "adam_state_of_params", False):
-        raise ConfigError("balance.gram_metric: adam reads AdamW's state per LoRA weight, which DeepSpeed keeps "
-                          "on its own fp32 copies; use balance.gram_metric: parameters under DeepSpeed")
-
-
 class GRPOLearner(Learner):
     def __init__(self, cfg, runtime, engine, weights, balancer, layout, scheduler):
         self.cfg, self.runtime, self.engine, self.weights = cfg, runtime, engine, weights
@@ -76,7 +69,6 @@ class GRPOLearner(Learner):
             if engine.zero_stage == 3:
                 raise ConfigError(f"balance.gradients: {b.gradients} is not supported under ZeRO-3 (partitioned "
                                   f"LoRA weights); use ZeRO-2 (configs/ds_zero2.json) or balance.gradients: proxy")
-            check_gram_metric(b, engine)
             self.aggregates = is_aggregator(balancer)
             make = ObjectiveGradients if b.gradients == "one_backward" else KBackwardGradients
             self.grads = make(self.transformer, self.params, balancer.K, b.gram_layers, collect_all=self.aggregates)
@@ -310,7 +302,9 @@ class GRPOLearner(Learner):
             return None
         scale = None
         if self.cfg.balance.gram_metric == "adam":  # None before the first step: the parameter metric
-            scale = adam_step_scale(self.engine.optimizer, self.grads.gram_params())
+            t = self.cfg.train  # the optimizer steps taken: global_step (a skipped step leaves AdamW untouched)
+            scale = adam_step_scale(self.engine.exp_avg_sq(self.grads.gram_params()), self.global_step,
+                                    t.adam_betas[1], t.adam_eps)
         M = self.epoch_gram(self._epoch_J, self.runtime, scale)
         self._epoch_J = None
         return M

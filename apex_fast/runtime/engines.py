@@ -74,8 +74,6 @@ class TorchEngine:
     zero_stage = 0
     # gradients may reach .grad by any backward (DeepSpeed: only through its backward or add_grads)
     accepts_direct_grads = True
-    # optimizer.state is keyed by the trained parameters themselves (DeepSpeed's by its fp32 master copies)
-    adam_state_of_params = True
     _nonfinite_loss = False
 
     def set_hyperparameters(self, t) -> None:
@@ -131,6 +129,11 @@ class TorchEngine:
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
+
+    def exp_avg_sq(self, params) -> list[torch.Tensor] | None:
+        """AdamW's second-moment EMA v of each of ``params`` (None before the first step)."""
+        state = [self.optimizer.state.get(p, {}).get("exp_avg_sq") for p in params]
+        return None if any(v is None for v in state) else state
 
     def load_optimizer_state(self, state: dict) -> None:
         if not state:
@@ -348,6 +351,22 @@ class DeepSpeedEngine:
 
     def optimizer_state(self) -> dict:
         return {}  # in the checkpoint's deepspeed/ folder (save_checkpoint), one shard per rank
+
+    def exp_avg_sq(self, params) -> list[torch.Tensor] | None:
+        """AdamW's second-moment EMA v of each of ``params``, full (None before the first step). ZeRO-1/2
+        keep it in fp32 partitions: DeepSpeed's ``safe_get_full_optimizer_state`` assembles each (a
+        collective: call on every rank, same order); without ZeRO it is the client optimizer's state."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = []
+        for p in params:
+            v = safe_get_full_optimizer_state(p, "exp_avg_sq") if self.stage in (1, 2) else None
+            if v is None:
+                v = self.optimizer.state.get(p, {}).get("exp_avg_sq") if self.stage == 0 else None
+            if v is None:
+                return None
+            out.append(v.reshape(p.shape))
+        return out
 
     def load_optimizer_state(self, state: dict) -> None:
         pass
