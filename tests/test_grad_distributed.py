@@ -74,18 +74,26 @@ def test_sharded_gram_is_the_gram_of_the_mean_and_identical_on_every_rank(tmp_pa
     assert torch.allclose(sharded_gram(one), flat @ flat.T, atol=1e-5)
 
 
-def test_zero2_two_processes_one_backward_equal_one_process(tmp_path):
+# the dual cone on the cross-epoch Gram in AdamW's metric: every rank assembles the ZeRO-2 partitions of
+# AdamW's v (a collective) and keeps its own previous blocks; the update depends on the Gram through c
+# (3 epochs: the Gram after epoch 2 is a cross-epoch one, which the third epoch's cone may use)
+CONE = ["balance.method=apex", "balance.dual_cone=true", "balance.conflict_damping=0", "balance.warmup_epochs=0",
+        "balance.gram_estimate=cross_epoch", "balance.gram_metric=adam", "train.epochs=3"]
+
+
+@pytest.mark.parametrize("extra", [[], CONE], ids=["pcgrad", "apex_cone_cross_epoch_adam"])
+def test_zero2_two_processes_one_backward_equal_one_process(tmp_path, extra):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "apex_fast" / "train.py"), "--config", TINY, "--output-dir", str(two), "--deepspeed",
            str(ROOT / "configs" / "ds_zero2.json")]
     # EMA off: lora/ then holds the trained weights themselves (with EMA it is the EMA, which moves less)
-    for o in FAST + ["train.micro_batch_size=1", "train.ema=false"]:
+    for o in FAST + ["train.micro_batch_size=1", "train.ema=false"] + extra:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout + proc.stderr)[-4000:]
     Trainer(load_config(TINY, FAST + ["train.micro_batch_size=2", "train.ema=false",
-                                      f"log.output_dir={tmp_path / 'one'}"])).fit()
+                                      f"log.output_dir={tmp_path / 'one'}"] + extra)).fit()
     w1 = load_file(str(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors"))
     w2 = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
     fresh = Trainer(load_config(TINY, FAST + ["train.epochs=0", f"log.output_dir={tmp_path / 'fresh'}"]))
