@@ -8,7 +8,9 @@
   independent, so the noise terms average out). Computed by polarization,
   ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py (twice an
   epoch, no other collective); each rank keeps its own previous blocks (K x the Gram layers' size). The first epoch
-  (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram.
+  (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram. The
+  estimate is unbiased but not positive semi-definite in general (a noise-dominated objective can get a
+  negative diagonal entry); the balancers take it as the benchmark measured it, unprojected.
 * metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
   ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
   AdamW step conflicts with none (the optimizer steps along ``P m``, not along the gradient).
