@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
-from apex_fast.grad import commit_epoch, epoch_advantages  # noqa: E402
+from apex_fast.grad import adam_step_scale, commit_epoch, epoch_advantages  # noqa: E402
 from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios  # noqa: E402
 
 BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
@@ -205,14 +205,10 @@ def parse_gram_measurement(how: str) -> tuple[float, bool]:
 
 
 def adam_metric(opt, s: int):
-    """Adam's per-coordinate step scale 1 / (sqrt(v_hat) + eps) of seed s, in objective_jacobian's layout
-    (dW flattened, then db), normalised to mean 1; None before the first step."""
-    if opt.t == 0:
-        return None
-    c2 = 1 - opt.b2**opt.t
-    v = torch.cat([opt.v[0][s].flatten(), opt.v[1][s]])
-    P = 1.0 / ((v / c2).sqrt() + opt.eps)
-    return P / P.mean()
+    """Adam's per-coordinate step scale of seed s (the trainer's apex_fast.grad.adam_step_scale) in
+    objective_jacobian's layout (dW flattened, then db); None before the first step."""
+    P = adam_step_scale([opt.v[0][s].flatten(), opt.v[1][s]], opt.t, opt.b2, opt.eps)
+    return None if P is None else torch.cat(P)
 
 
 def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int = 5, trace: bool = False) -> dict:

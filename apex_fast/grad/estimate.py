@@ -28,7 +28,7 @@ def adam_step_scale(exp_avg_sq: list[torch.Tensor] | None, step: int, beta2: flo
     coordinates (the balancers normalise the Gram's scale anyway); None before the first step."""
     if exp_avg_sq is None or step < 1:
         return None
-    out = [1.0 / ((v.float() / (1 - beta2**step)).sqrt() + eps) for v in exp_avg_sq]
+    out = [1.0 / (((v if v.dtype == torch.float64 else v.float()) / (1 - beta2**step)).sqrt() + eps) for v in exp_avg_sq]
     total = sum(float(s.sum()) for s in out)
     count = sum(s.numel() for s in out)
     return [s * (count / total) for s in out]
