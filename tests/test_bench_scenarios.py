@@ -172,6 +172,12 @@ def test_cross_epoch_gram_removes_the_sampling_noise_diagonal():
     A2 = torch.randn(64, 2, generator=g, dtype=torch.float64)
     J2 = alg.objective_jacobian(A2, e[0], z[0], mu[0])
     torch.testing.assert_close(half(A2, e[0], z[0], mu[0]), 0.25 * (J2 @ J.T + J @ J2.T) + 0.5 * J2 @ J2.T)
+    # the trainer's estimate (apex_fast.grad.EpochGram, balance.cross_epoch_weight) on the same J, in a metric
+    from apex_fast.grad import EpochGram
+    lib, bench = EpochGram("cross_epoch", 0.875), alg.GramMeasure(cross_weight=0.875)
+    lib([J.float()], scale=[P.float()])
+    bench(Ahat, e[0], z[0], mu[0], P)
+    torch.testing.assert_close(lib([J2.float()], scale=[P.float()]), bench(A2, e[0], z[0], mu[0], P), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("how,expected", [("batch", (0.0, False)), ("cross_epoch", (1.0, False)),

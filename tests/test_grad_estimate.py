@@ -58,6 +58,20 @@ def test_a_metric_weighs_every_coordinate():
     torch.testing.assert_close(EpochGram()(J2, scale=P), _flat(J2, P) @ _flat(J2).T, rtol=1e-5, atol=1e-5)
 
 
+def test_cross_epoch_weight_blends_in_the_batch_gram():
+    """w sym(J_t P J_{t-1}^T) + (1 - w) J_t P J_t^T; the first epoch is the batch Gram whatever w."""
+    J1, J2 = _blocks(8), _blocks(9)
+    g = torch.Generator().manual_seed(10)
+    P = [torch.rand(b.shape[1:], generator=g) + 0.1 for b in J1]
+    est = EpochGram("cross_epoch", 0.875)
+    torch.testing.assert_close(est(J1, scale=P), _flat(J1, P) @ _flat(J1).T, rtol=1e-5, atol=1e-5)
+    a, b = _flat(J2, P), _flat(J1)
+    want = 0.875 * 0.5 * (a @ b.T + b @ a.T) + 0.125 * (a @ _flat(J2).T)
+    torch.testing.assert_close(est(J2, scale=P), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="balance.cross_epoch_weight must be in"):
+        EpochGram("cross_epoch", 1.5)
+
+
 def test_bad_estimate_names_the_field():
     with pytest.raises(ValueError, match="balance.gram_estimate must be batch or cross_epoch"):
         EpochGram("ema")
@@ -97,6 +111,8 @@ def test_adam_step_scale_is_adamw_per_coordinate_step_scale():
     ("balance.gram_metric=fisher", "balance.gram_metric must be one of parameters, adam"),
     ("balance.gram_estimate=cross_epoch", "balance.gram_estimate cross_epoch needs the epoch's per-objective gradients"),
     ("balance.gram_metric=adam", "balance.gram_metric adam needs the epoch's per-objective gradients"),
+    ("balance.cross_epoch_weight=0.5", "balance.cross_epoch_weight only applies to gram_estimate: cross_epoch"),
+    ("balance.cross_epoch_weight=2", r"balance.cross_epoch_weight must be in \[0, 1\], got 2"),
 ])
 def test_gram_options_errors_name_the_field_and_fix(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -87,6 +87,7 @@ class BalanceConfig:
     gram_layers: list | None = None  # module-name globs/substrings of the LoRA layers whose gradients enter the Gram (None: all)
     # one_backward/k_backward only (apex_fast/grad/estimate.py): the Gram update() gets after the epoch
     gram_estimate: str = "batch"  # batch: J_t J_t^T (second moment: noise on the diagonal) | cross_epoch: sym(J_t J_{t-1}^T), the mean gradients'
+    cross_epoch_weight: float = 1.0  # cross_epoch: M = w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T (1: the mean gradients' Gram alone)
     gram_metric: str = "parameters"  # parameters | adam: inner products in AdamW's step metric 1 / (sqrt(v_hat) + eps)
 
     def validate(self) -> None:
@@ -135,6 +136,9 @@ class BalanceConfig:
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
         need(self.gram_estimate in GRAM_ESTIMATES, "gram_estimate",
              f"must be one of {', '.join(GRAM_ESTIMATES)}, got {self.gram_estimate!r}")
+        need(0 <= number("cross_epoch_weight") <= 1, "cross_epoch_weight", f"must be in [0, 1], got {self.cross_epoch_weight}")
+        need(self.cross_epoch_weight == 1 or self.gram_estimate == "cross_epoch", "cross_epoch_weight",
+             "only applies to gram_estimate: cross_epoch (the batch Gram is weight 0); set gram_estimate: cross_epoch")
         need(self.gram_metric in GRAM_METRICS, "gram_metric", f"must be one of {', '.join(GRAM_METRICS)}, got {self.gram_metric!r}")
         for f, default in (("gram_estimate", "batch"), ("gram_metric", "parameters")):
             need(getattr(self, f) == default or self.gradients != "proxy", f,

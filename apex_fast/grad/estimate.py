@@ -11,6 +11,8 @@
   (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram. The
   estimate is unbiased but not positive semi-definite in general (a noise-dominated objective can get a
   negative diagonal entry); the balancers take it as the benchmark measured it, unprojected.
+* ``cross_epoch_weight`` w < 1 (with cross_epoch): ``M = w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T``, the
+  mean gradients' Gram plus (1 - w) of one epoch's sampling noise on the diagonal (a third sharded Gram).
 * metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
   ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
   AdamW step conflicts with none (the optimizer steps along ``P m``, not along the gradient).
@@ -38,10 +40,13 @@ class EpochGram:
     """``M = estimate(blocks)`` once per epoch; ``blocks`` [K, *shape] per Gram-layer parameter (this
     rank's sums over the epoch), ``scale`` the metric per parameter (same shapes without K, or None)."""
 
-    def __init__(self, estimate: str = "batch"):
+    def __init__(self, estimate: str = "batch", cross_weight: float = 1.0):
         if estimate not in ("batch", "cross_epoch"):
             raise ValueError(f"balance.gram_estimate must be batch or cross_epoch, got {estimate!r}")
+        if not 0.0 <= cross_weight <= 1.0:
+            raise ValueError(f"balance.cross_epoch_weight must be in [0, 1], got {cross_weight!r}")
         self.estimate = estimate
+        self.cross_weight = float(cross_weight)
         self.prev: list[torch.Tensor] | None = None
 
     def __call__(self, blocks: list[torch.Tensor], runtime=None, scale: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -55,4 +60,7 @@ class EpochGram:
             return sharded_gram(metric(blocks), runtime)
         plus = sharded_gram(metric([a + b for a, b in zip(blocks, prev)]), runtime)
         minus = sharded_gram(metric([a - b for a, b in zip(blocks, prev)]), runtime)
-        return (plus - minus) / 4
+        cross = (plus - minus) / 4
+        if self.cross_weight == 1.0:
+            return cross
+        return self.cross_weight * cross + (1 - self.cross_weight) * sharded_gram(metric(blocks), runtime)

@@ -72,7 +72,7 @@ class GRPOLearner(Learner):
             self.aggregates = is_aggregator(balancer)
             make = ObjectiveGradients if b.gradients == "one_backward" else KBackwardGradients
             self.grads = make(self.transformer, self.params, balancer.K, b.gram_layers, collect_all=self.aggregates)
-        self.epoch_gram = EpochGram(b.gram_estimate)  # which Gram update() gets (batch / cross-epoch)
+        self.epoch_gram = EpochGram(b.gram_estimate, b.cross_epoch_weight)  # which Gram update() gets (batch / cross-epoch)
 
     # ------------------------------------------------------------------ one epoch
     def learn(self, batch, R, group_ids, epoch):
