@@ -384,6 +384,12 @@ def _validate(c: Config) -> None:
                  "use DeepSpeed's own \"compile\" section in the JSON, or drop --deepspeed")
         _require(c.balance.gradients == "proxy", "model.compile", f"needs balance.gradients: proxy (the "
                  f"{c.balance.gradients} capture replaces the LoRA linears' backward); set model.compile: false")
+    if c.balance.cone_kl:
+        _require(c.balance.method == "apex", "balance.cone_kl", f"is APEX's (dual_cone); got balance.method: "
+                 f"{c.balance.method}; set balance.method: apex or cone_kl: false")
+        _require(c.train.kl_beta > 0 and c.lora.enabled, "balance.cone_kl",
+                 "counts the KL term, and this run has none (train.kl_beta 0 or full fine-tuning): "
+                 "set train.kl_beta > 0 or cone_kl: false")
     _require(c.model.resolution >= 16 and c.model.resolution % 16 == 0, "model.resolution",
              f"must be a multiple of 16 and >= 16, got {c.model.resolution}")
     _require(c.lora.rank >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")

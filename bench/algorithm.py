@@ -97,6 +97,11 @@ VARIANTS = {
     # + 1/8 batch Gram in Adam's metric, a 10-epoch Gram EMA (at the k2 front a 20-epoch one lets the step drift)
     "apex+cone-x875-adam-b90": {"dual_cone": True, "conflict_damping": 0.0, "beta_cone": 0.9,
                                 GRAM_KEY: "cross_epoch:0.875+adam"},
+    # ... with the KL term counted in the cone (cone_kl: the step, KL included, lowers no objective)
+    "apex+cone-kl": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
+                     GRAM_KEY: "cross_epoch:0.875+adam"},
+    "apex+cone-kl-b90": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
+                         "beta_cone": 0.9, GRAM_KEY: "cross_epoch:0.875+adam"},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
@@ -166,6 +171,14 @@ def objective_gram(Ahat, e, z, mu):
     Kx = (dlp @ dlp.T) * (e @ e.T + 1)  # <grad logp_i, grad logp_j> over (W, b)
     A = Ahat.double().clamp(-ADV_CLIP, ADV_CLIP)
     return A.T @ Kx @ A / N**2
+
+
+def kl_gradient(e, mu, mu_ref, kl_beta=KL_BETA):
+    """The KL term's gradient at the sampling policy (ratio 1), in objective_jacobian's layout: grpo_grad's
+    KL part, kl_beta (mu - mu_ref) / (sigma^2 D) per sample, through mu = W e + b, over N."""
+    N = e.shape[0]
+    dkl = kl_beta * (mu - mu_ref).double() / (SIGMA**2 * D) / N
+    return torch.cat([torch.einsum("nd,ne->de", dkl, e.double()).flatten(), dkl.sum(0)])
 
 
 def objective_jacobian(Ahat, e, z, mu):
@@ -263,19 +276,25 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
         old_lp = log_prob(z, mu)
         R = toy.rewards(z, e, gen).float()
         A = torch.empty(S, N, dtype=dt)
-        advs = []
+        advs, kl_products = [], []
+        mu_ref = torch.einsum("sde,sne->snd", W0, e) + b0[:, None]
         for s, bal in enumerate(bals):  # advantages -> Gram -> update -> advantages (apex_fast.grad.sequence)
             measure = measure_of(s) if bal.wants_gram else None
             adv = epoch_advantages(bal, R[s], gid, measure, same_epoch=same_epoch)
             A[s] = adv.A.double()
             advs.append(adv)
-        mu_ref = torch.einsum("sde,sne->snd", W0, e) + b0[:, None]
+            b_kl = None
+            if cfg.cone_kl:  # J g_KL in the Gram's metric (the trainer's kl_products)
+                J = objective_jacobian(bal.objective_advantages, e[s], z[s], mu[s])
+                metric = adam_metric(opt, s) if in_adam_metric else None
+                b_kl = (J if metric is None else J * metric) @ kl_gradient(e[s], mu[s], mu_ref[s])
+            kl_products.append(b_kl)
         for _ in range(INNER):
             opt.step(grpo_grad(W, b, e, z, old_lp, A, mu_ref))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # apex with conflict_source gram warns on no Gram; not here
-            for bal, adv in zip(bals, advs):
-                commit_epoch(bal, adv)  # lagged flow (APEX, FAMO, static, gdpo); no-op after same-epoch
+            for bal, adv, kl in zip(bals, advs, kl_products):
+                commit_epoch(bal, adv, kl_products=kl)  # lagged flow (APEX, FAMO, static, gdpo); no-op after same-epoch
         stats_all = [adv.stats | adv.update_stats for adv in advs]
         eff_hist.append([[st.get(f"effective_share/{n}", float("nan")) for n in sc.names] for st in stats_all])
         if trace:

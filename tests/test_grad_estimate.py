@@ -138,7 +138,7 @@ def test_the_trainer_hands_the_cross_epoch_adam_gram_to_the_balancer(tmp_path):
     tr.learner.epoch_gram = spy
     got = []
     real_update = tr.balancer.update
-    tr.balancer.update = lambda gram=None: (got.append(gram.clone()), real_update(gram=gram))[1]
+    tr.balancer.update = lambda gram=None, kl_products=None: (got.append(gram.clone()), real_update(gram=gram))[1]
     tr.fit()
     assert len(seen) == 2 and len(got) == 2
     (J1, P1, M1), (J2, P2, M2) = seen

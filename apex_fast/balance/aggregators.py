@@ -157,12 +157,14 @@ def mgda_coefficients(M) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- UPGrad
 
 
-def _project_dual_cone_exact(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """For each row u of U [R, K]: argmin_v v^T G v s.t. v >= u. Exact support enumeration."""
+def _project_dual_cone_exact(G: torch.Tensor, U: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row u of U [R, K] (and q of Q [R, K], zero if None): argmin_v v^T G v + 2 q^T v s.t.
+    v >= u. Exact support enumeration."""
     R, K = U.shape
-    best_val = torch.einsum("ri,ij,rj->r", U, G, U)  # the empty free set: v = u
+    Q = torch.zeros_like(U) if Q is None else Q
+    best_val = torch.einsum("ri,ij,rj->r", U, G, U) + 2 * (U * Q).sum(-1)  # the empty free set: v = u
     best = U.clone()
-    GU = U @ G  # [R, K] = (G u)^T
+    GU = U @ G + Q  # [R, K] = (G u + q)^T
     for n, S in _supports(K).items():
         B = S.shape[0]
         # v_F solves G_FF v_F = -G_FB u_B = -(G u)_F + G_FF u_F
@@ -176,7 +178,7 @@ def _project_dual_cone_exact(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
             continue
         V = U[:, None, :].expand(R, B, K).clone()
         V.scatter_(2, S[None].expand(R, B, n), torch.maximum(vF, uF))
-        val = torch.einsum("rbi,ij,rbj->rb", V, G, V)
+        val = torch.einsum("rbi,ij,rbj->rb", V, G, V) + 2 * torch.einsum("rbi,ri->rb", V, Q)
         val = torch.where(ok, val, torch.full_like(val, float("inf")))
         vmin, imin = val.min(1)
         better = vmin < best_val
@@ -211,6 +213,28 @@ def upgrad_coefficients(M, pref=None) -> torch.Tensor:
         lip = 2 * float(torch.linalg.eigvalsh(G).max())
         W = torch.stack([_fista(lambda x: 2 * G @ x, lambda x, u=u: torch.maximum(x, u), u.clone(), lip) for u in U])
     return _out(W.sum(0), M)
+
+
+def offset_cone_coefficients(M, c0, b, s: float = 1.0) -> torch.Tensor:
+    """The smallest raise of the cone's coefficients c0 [K] after which the step ``J^T c + s g``, g a term
+    outside the objectives (the KL to the reference), conflicts with no objective:
+    ``c = argmin_{v >= c0} v^T M v + 2 s b^T v`` with M = J J^T [K, K] and b = J g [K] in the same
+    scale. Where M is positive definite, KKT gives ``M c + s b >= 0`` (= 0 where c > c0), and c = c0 when
+    ``M c0 + s b >= 0`` already. Returns c [K] (every entry >= c0's)."""
+    G = _gram(M)
+    K = G.shape[0]
+    c0 = torch.as_tensor(c0, dtype=torch.float64).flatten().cpu()
+    q = torch.as_tensor(b, dtype=torch.float64).flatten().cpu() * float(s)
+    if c0.numel() != K or q.numel() != K or not bool(torch.isfinite(c0).all() & torch.isfinite(q).all()):
+        raise ValueError(f"offset_cone_coefficients: c0 and b must be {K} finite numbers, got {c0.tolist()}, {q.tolist()}")
+    scale = _scale(G)
+    if scale <= _TINY:
+        return _out(c0, M)
+    G, q = G / scale, q / scale
+    if K <= MAX_EXACT_K:
+        return _out(_project_dual_cone_exact(G, c0[None], q[None])[0], M)
+    lip = 2 * float(torch.linalg.eigvalsh(G).abs().max())
+    return _out(_fista(lambda x: 2 * (G @ x + q), lambda x: torch.maximum(x, c0), c0.clone(), lip), M)
 
 
 # ------------------------------------------------------------------------------------------- CAGrad

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import dual_stage_advantages, group_stats
-from .aggregators import upgrad_coefficients
+from .aggregators import offset_cone_coefficients, upgrad_coefficients
 from .base import Balancer, register_balancer, validate_rewards
-from .priorities import normalised_gram_ema
+from .priorities import normalised_gram_ema, normalised_kl_ema
 
 
 @register_balancer("apex")
@@ -35,12 +35,19 @@ class APEX(Balancer):
     ``c = normalize(sum_k argmin_{v >= pi_k e_k} v^T G v)``, G an EMA (beta_cone) of the scale-normalised
     Gram ``update()`` gets (pi until the first): the direction conflicts with no objective of G; where no
     two gradients conflict, c = pi.
+
+    ``cone_kl`` (opt-in, with ``dual_cone``): the step also carries the KL term's gradient g, which can
+    lower an objective the cone protects. With b an EMA (beta_cone) of ``J g`` (``update(kl_products=)``,
+    scaled like G) the coefficients are raised to ``c = argmin_{v >= c_cone} v^T G v + 2 s b^T v``,
+    s = std(Ahat c_cone) / sum(c_cone) (the batch renormalisation's scale of the reward part), so that
+    the whole step, KL included, conflicts with no objective of G.
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):
         super().__init__(weights, cfg, names, **overrides)
         self.pi = self._warmup_pi()
         self.cone_gram = torch.full((self.K, self.K), float("nan"), dtype=torch.float64)  # dual_cone only
+        self.cone_kl = torch.full((self.K,), float("nan"), dtype=torch.float64)  # cone_kl only: EMA of J g_KL
 
     @property
     def wants_gram(self) -> bool:
@@ -67,6 +74,8 @@ class APEX(Balancer):
         if self.cfg.dual_cone and bool(torch.isfinite(self.cone_gram).all()):
             c = upgrad_coefficients(self.cone_gram, c).double()
             c = c / c.sum()
+            if self.cfg.cone_kl and bool(torch.isfinite(self.cone_kl).all()):
+                c = self._kl_offset(R, group_ids, c, floor)
         A, Ahat, _ = dual_stage_advantages(
             R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
@@ -79,8 +88,22 @@ class APEX(Balancer):
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
+    def _kl_offset(self, R, group_ids, c, floor):
+        """The cone's c raised until the step with the KL term conflicts with no objective (cone_kl).
+        The reward part of the step is J^T c / std(Ahat c) after the batch renormalisation, the KL part
+        carries beta itself, so the offset is weighed by s = std(Ahat c) (c summing to 1)."""
+        _, Ahat, _ = dual_stage_advantages(R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
+                                           eps=self.cfg.eps, clip=self.cfg.adv_clip)
+        s = float((Ahat.double().cpu() @ c).std(unbiased=False))
+        if not (s > 0):
+            return c
+        c = offset_cone_coefficients(self.cone_gram, c, self.cone_kl, s).double()
+        return c / c.sum()
+
     def _after_step(self, res, M):
         if self.cfg.dual_cone:  # the conflicts that persist, not one batch's sampling noise
+            if self.cfg.cone_kl and M is not None and self._kl_products is not None:
+                self.cone_kl = normalised_kl_ema(self.cone_kl, M, self._kl_products, self.cfg.beta_cone, self.weights > 0)
             self.cone_gram = normalised_gram_ema(self.cone_gram, M, self.cfg.beta_cone, self.weights > 0)
         if res is None:
             return {}
@@ -91,7 +114,8 @@ class APEX(Balancer):
         return self._vec("priority_next", self.pi)
 
     def state_dict(self):
-        return {**super().state_dict(), "pi": self.pi.clone(), "cone_gram": self.cone_gram.clone()}
+        return {**super().state_dict(), "pi": self.pi.clone(), "cone_gram": self.cone_gram.clone(),
+                "cone_kl": self.cone_kl.clone()}
 
     def _load_state(self, state):
         super()._load_state(state)
@@ -104,3 +128,8 @@ class APEX(Balancer):
             if G.shape != (self.K, self.K):
                 raise ValueError(f"balancer state 'cone_gram' has shape {tuple(G.shape)}, expected ({self.K}, {self.K})")
             self.cone_gram = G.clone()
+        if "cone_kl" in state:  # absent in checkpoints from before cone_kl
+            b = torch.as_tensor(state["cone_kl"], dtype=torch.float64).flatten().cpu()
+            if b.numel() != self.K:
+                raise ValueError(f"balancer state 'cone_kl' has {b.numel()} values, expected K = {self.K}")
+            self.cone_kl = b.clone()

@@ -103,6 +103,7 @@ class Balancer:
         self.p3 = P3Tracker(self.weights, cfg)
         self._Ahat: torch.Tensor | None = None
         self._gram_seen = False
+        self._kl_products: torch.Tensor | None = None  # update(kl_products=) of this epoch (APEX cone_kl)
 
     # ----------------------------------------------------------------------------- interface
     @property
@@ -120,9 +121,18 @@ class Balancer:
     def advantages(self, R: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def update(self, gram: torch.Tensor | None = None) -> dict:
-        """Once per epoch, after advantages(): commits this epoch's statistics; returns diagnostics."""
+    def update(self, gram: torch.Tensor | None = None, kl_products: torch.Tensor | None = None) -> dict:
+        """Once per epoch, after advantages(): commits this epoch's statistics; returns diagnostics.
+        ``kl_products`` [K] (with a Gram): ``J g_KL``, each objective's gradient times the KL term's, in
+        the Gram's scale; only APEX with ``cone_kl`` uses it."""
         M = self._check_gram(gram)
+        self._kl_products = None
+        if kl_products is not None and M is not None:
+            b = torch.as_tensor(kl_products).detach().to("cpu", torch.float64).flatten()
+            if b.numel() != self.K:
+                raise ValueError(f"kl_products must be [K] = [{self.K}], got shape {tuple(b.shape)}")
+            if bool(torch.isfinite(b).all()):
+                self._kl_products = b
         res = self.p3.step(M, self._conflict_source(M))
         stats = {}
         if res is None:

@@ -64,6 +64,7 @@ class BalanceConfig:
     # EMA (beta_cone) of the scale-normalised real Gram: the direction conflicts with no objective (README: use it
     # with conflict_damping 0, the cone removes the conflicts the damping guards against)
     dual_cone: bool = False
+    cone_kl: bool = False  # dual_cone: raise the cone's coefficients so the step WITH the KL term lowers no objective (needs J g_KL)
     beta_cone: float = 0.95  # EMA decay of the normalised Gram behind dual_cone (0: the last epoch's Gram)
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
@@ -131,6 +132,8 @@ class BalanceConfig:
         need(isinstance(self.dual_cone, bool), "dual_cone", f"must be true or false, got {self.dual_cone!r}")
         need(not (self.dual_cone and self.min_norm_base), "dual_cone",
              "and min_norm_base are two ways to combine the priorities with the Gram; set one of them")
+        need(isinstance(self.cone_kl, bool), "cone_kl", f"must be true or false, got {self.cone_kl!r}")
+        need(not self.cone_kl or self.dual_cone, "cone_kl", "counts the KL term in the dual cone: set dual_cone: true")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
              f"must be true or false, got {self.aggregator_renorm!r}")
         need(self.gradients in GRADIENTS, "gradients", f"must be one of {', '.join(GRADIENTS)}, got {self.gradients!r}")
@@ -144,6 +147,8 @@ class BalanceConfig:
             need(getattr(self, f) == default or self.gradients != "proxy", f,
                  f"{getattr(self, f)} needs the epoch's per-objective gradients: set balance.gradients: one_backward "
                  f"(or k_backward); the proxy probes one micro-batch")
+        need(not self.cone_kl or self.gradients != "proxy", "cone_kl",
+             "needs the KL term's gradient next to the objectives': set balance.gradients: one_backward (or k_backward)")
         need(isinstance(self.gram_every_steps, int) and not isinstance(self.gram_every_steps, bool)
              and self.gram_every_steps >= 1, "gram_every_steps",
              f"must be an integer >= 1, got {self.gram_every_steps!r}")

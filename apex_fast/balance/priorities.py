@@ -101,6 +101,20 @@ def normalised_gram_ema(ema: torch.Tensor, G: torch.Tensor | None, beta: float, 
     return beta * ema + (1 - beta) * G if bool(torch.isfinite(ema).all()) else G.clone()
 
 
+def normalised_kl_ema(ema: torch.Tensor, G: torch.Tensor, b: torch.Tensor, beta: float, active: torch.Tensor) -> torch.Tensor:
+    """``beta * ema + (1 - beta) * b / scale``, scale the mean diagonal of G over the active objectives
+    (the scale normalised_gram_ema divides G by, so b = J g_KL stays comparable with the cone's Gram); b
+    itself when ``ema`` is still NaN; ``ema`` unchanged when G carries no gradient signal."""
+    G = G.double().cpu()
+    idx = active.nonzero().flatten()
+    scale = float(G[idx, idx].clamp_min(0).mean())
+    b = b.double().cpu().flatten()
+    if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(b).all()):
+        return ema
+    b = b / scale
+    return beta * ema + (1 - beta) * b if bool(torch.isfinite(ema).all()) else b.clone()
+
+
 def min_norm_weights(G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """MGDA's min-norm weights over the active objectives of the Gram G [K, K] (0 for the inactive ones;
     uniform over them when G carries nothing finite)."""

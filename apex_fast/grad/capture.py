@@ -85,6 +85,7 @@ class _Slot:
     def __init__(self, session, name: str, module: torch.nn.Linear, collect: bool):
         self.session, self.name, self.module, self.collect = session, name, module, collect
         self.J: torch.Tensor | None = None
+        self.kl: torch.Tensor | None = None  # the KL term's gradient (backward_kl), Gram layers only
 
 
 class _CapturedLinear(torch.autograd.Function):
@@ -104,6 +105,12 @@ class _CapturedLinear(torch.autograd.Function):
         d2 = grad_out.reshape(-1, grad_out.shape[-1])
         a2 = x.reshape(-1, x.shape[-1])
         s = slot.session
+        if s.capturing_kl:  # the KL term's backward: the plain weight gradient, kept for the Gram layers
+            acc = torch.float64 if d2.dtype == torch.float64 else torch.float32
+            G = d2.T.to(acc) @ a2.to(acc)
+            if slot.in_gram:
+                slot.kl = G.clone() if slot.kl is None else slot.kl.add_(G)
+            return grad_x, G.to(weight.dtype), None
         if not s.capturing:  # an ordinary backward (e.g. the KL term's): the plain weight gradient
             return grad_x, (d2.T.to(weight.dtype) @ a2.to(weight.dtype)), None
         take_J = slot.collect and s.W is not None
@@ -141,6 +148,7 @@ class ObjectiveGradients:
         self.W: torch.Tensor | None = None
         self.update: torch.Tensor | None = None
         self.capturing = False
+        self.capturing_kl = False
         self._cols: dict = {}
         mods = lora_linears(model)
         by_param = {id(m.weight): (n, m) for n, m in mods}
@@ -205,6 +213,28 @@ class ObjectiveGradients:
         finally:
             self.capturing, self.W, self.update, self._cols = False, None, None, {}
 
+    def backward_kl(self, loss: torch.Tensor, backward) -> None:
+        """``backward(loss)`` for the KL term (an ordinary weight gradient into ``.grad``), also adding that
+        gradient on the Gram layers to ``kl_blocks()`` (APEX's cone_kl: the objectives' products with it)."""
+        self.capturing_kl = True
+        try:
+            backward(loss)
+        finally:
+            self.capturing_kl = False
+
+    def kl_blocks(self) -> list[torch.Tensor]:
+        """The KL term's gradient per Gram-layer parameter [*shape] (``jacobian(gram=True)``'s order); zeros
+        where no backward_kl ran."""
+        out = []
+        for s in self.slots:
+            if s.in_gram:
+                if s.kl is None:
+                    w = s.module.weight
+                    s.kl = torch.zeros(w.shape, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+                                       device=w.device)
+                out.append(s.kl)
+        return out
+
     def columns(self, with_objectives: bool) -> torch.Tensor | None:
         """[n, C] weights of a layer that collects the objectives (``with_objectives``) or only the update."""
         return self._cols[with_objectives]
@@ -229,6 +259,6 @@ class ObjectiveGradients:
         return [s.module.weight for s in self.slots if s.in_gram]
 
     def zero_(self) -> None:
-        bufs = [s.J for s in self.slots if s.J is not None]
+        bufs = [s.J for s in self.slots if s.J is not None] + [s.kl for s in self.slots if s.kl is not None]
         if bufs:
             torch._foreach_zero_(bufs)

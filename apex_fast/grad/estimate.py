@@ -64,3 +64,15 @@ class EpochGram:
         if self.cross_weight == 1.0:
             return cross
         return self.cross_weight * cross + (1 - self.cross_weight) * sharded_gram(metric(blocks), runtime)
+
+
+def kl_products(blocks: list[torch.Tensor], kl_blocks: list[torch.Tensor], runtime=None,
+                scale: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``b = J P g_KL`` [K] float64 (APEX's cone_kl): each objective's epoch gradient times the KL term's,
+    in the Gram's metric, from one sharded Gram of the stacked rows [J; g_KL] (its last column)."""
+    rows = [torch.cat([b, k[None].to(b.dtype)]) for b, k in zip(blocks, kl_blocks)]
+    if scale is not None:
+        rows = [r * s.sqrt().to(r) for r, s in zip(rows, scale)]
+    K = blocks[0].shape[0]
+    return sharded_gram(rows, runtime)[:K, K].clone()
+

@@ -23,6 +23,7 @@ class KBackwardGradients:
         acc = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
         self.J = [torch.zeros(K, *p.shape, dtype=a, device=p.device) if c else None
                   for p, a, c in zip(params, acc, self.collect)]
+        self.kl = [torch.zeros(p.shape, dtype=a, device=p.device) for p, a, g in zip(params, acc, self.in_gram) if g]
 
     def accumulate(self, losses: list[torch.Tensor]) -> None:
         """Add the gradients of ``losses[k]`` (one per objective, sharing a graph) to row k."""
@@ -34,6 +35,19 @@ class KBackwardGradients:
                 if g is not None:
                     b[k] += g
 
+    def backward_kl(self, loss: torch.Tensor, backward) -> None:
+        """The KL term's gradient on the Gram layers (one more autograd.grad) into ``kl_blocks()``, then
+        ``backward(loss)`` as usual."""
+        targets = [p for p, g in zip(self.params, self.in_gram) if g]
+        grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        for b, g in zip(self.kl, grads):
+            if g is not None:
+                b += g
+        backward(loss)
+
+    def kl_blocks(self) -> list[torch.Tensor]:
+        return list(self.kl)
+
     def jacobian(self, gram: bool = False) -> list[torch.Tensor]:
         return [j for j, g in zip(self.J, self.in_gram) if j is not None and (g or not gram)]
 
@@ -42,6 +56,6 @@ class KBackwardGradients:
         return [p for p, j, g in zip(self.params, self.J, self.in_gram) if j is not None and g]
 
     def zero_(self) -> None:
-        for j in self.J:
+        for j in self.J + self.kl:
             if j is not None:
                 j.zero_()

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..grad import (EpochGram, KBackwardGradients, ObjectiveGradients, adam_step_scale, aggregated_update,
+from ..grad import (EpochGram, KBackwardGradients, ObjectiveGradients, adam_step_scale, aggregated_update, kl_products,
                     aggregator_coefficients, commit_epoch, epoch_advantages, is_aggregator, probe_gram,
                     scaled_coefficients, sharded_gram)
 from ..learner import Learner
@@ -61,6 +61,7 @@ class GRPOLearner(Learner):
         self.coef: torch.Tensor | None = None  # aggregators: the scaled c of the last capture step
         self.aggregates = False
         self._epoch_J: list[torch.Tensor] | None = None  # captured Gram blocks summed over the epoch
+        self._epoch_kl: list[torch.Tensor] | None = None  # balance.cone_kl: the KL term's gradient, summed likewise
         b = cfg.balance
         if b.gradients != "proxy":
             if not cfg.lora.enabled:
@@ -92,7 +93,8 @@ class GRPOLearner(Learner):
         adv = epoch_advantages(self.balancer, R, group_ids, measure, same_epoch=True)
         Ahat = None if self.grads is None else self.balancer.objective_advantages
         tstats = self.train_epoch(samples, adv.A[mine].to(device), epoch, Ahat=Ahat)
-        commit_epoch(self.balancer, adv, gram=self._epoch_gram())
+        M, b = self._epoch_gram()
+        commit_epoch(self.balancer, adv, gram=M, kl_products=b)
         return {**adv.stats, **adv.update_stats, **tstats, **advantage_metrics(adv.A, group_ids)}
 
     # ------------------------------------------------------------------ losses
@@ -278,7 +280,11 @@ class GRPOLearner(Learner):
                                                  for p, gi in zip(self.params, g)])
             if kl_on:  # its own backward: a different cotangent, attributed to no objective
                 kl = step_kl(step.mean, ref_mean, std)
-                self.engine.backward(t.kl_beta * (m * kl).sum() / (n * T))
+                kl_loss = t.kl_beta * (m * kl).sum() / (n * T)
+                if self.cfg.balance.cone_kl:  # its gradient kept too: APEX's cone counts the KL's pull
+                    self.grads.backward_kl(kl_loss, self.engine.backward)
+                else:
+                    self.engine.backward(kl_loss)
             self._record(stats, out)
         J = self.grads.jacobian()
         gram_blocks = self.grads.jacobian(gram=True)
@@ -294,20 +300,30 @@ class GRPOLearner(Learner):
             self._epoch_J = [g.clone() for g in gram_blocks]
         else:
             torch._foreach_add_(self._epoch_J, gram_blocks)
+        if self.cfg.balance.cone_kl and kl_on:
+            kl_blocks = self.grads.kl_blocks()
+            if self._epoch_kl is None:
+                self._epoch_kl = [g.clone() for g in kl_blocks]
+            else:
+                torch._foreach_add_(self._epoch_kl, kl_blocks)
 
-    def _epoch_gram(self) -> torch.Tensor | None:
+    def _epoch_gram(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Gram of the epoch's summed captured gradients as ``balance.gram_estimate`` / ``gram_metric`` ask
-        (grad/estimate.py; None: nothing captured this epoch)."""
+        (grad/estimate.py; None: nothing captured this epoch), and with ``balance.cone_kl`` the products
+        J g_KL of this epoch's gradients with the KL term's, in the same metric (else None)."""
         if self.grads is None or self._epoch_J is None:
-            return None
+            return None, None
         scale = None
         if self.cfg.balance.gram_metric == "adam":  # None before the first step: the parameter metric
             t = self.cfg.train  # the optimizer steps taken: global_step (a skipped step leaves AdamW untouched)
             scale = adam_step_scale(self.engine.exp_avg_sq(self.grads.gram_params()), self.global_step,
                                     t.adam_betas[1], t.adam_eps)
+        b = None
+        if self._epoch_kl is not None:
+            b = kl_products(self._epoch_J, self._epoch_kl, self.runtime, scale)
         M = self.epoch_gram(self._epoch_J, self.runtime, scale)
-        self._epoch_J = None
-        return M
+        self._epoch_J = self._epoch_kl = None
+        return M, b
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "grad_coef": self.coef}
