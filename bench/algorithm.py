@@ -97,11 +97,12 @@ VARIANTS = {
     # + 1/8 batch Gram in Adam's metric, a 10-epoch Gram EMA (at the k2 front a 20-epoch one lets the step drift)
     "apex+cone-x875-adam-b90": {"dual_cone": True, "conflict_damping": 0.0, "beta_cone": 0.9,
                                 GRAM_KEY: "cross_epoch:0.875+adam"},
-    # ... with the KL term counted in the cone (cone_kl: the step, KL included, lowers no objective)
+    # apex+cone-xgram-adam with the KL term counted in the cone (cone_kl: the step, KL included, lowers no
+    # objective of the Gram); the trainer takes J g_KL from the same backward (balance.gradients one_backward)
     "apex+cone-kl": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
-                     GRAM_KEY: "cross_epoch:0.875+adam"},
+                     GRAM_KEY: "cross_epoch+adam"},
     "apex+cone-kl-b90": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
-                         "beta_cone": 0.9, GRAM_KEY: "cross_epoch:0.875+adam"},
+                         "beta_cone": 0.9, GRAM_KEY: "cross_epoch+adam"},  # ... with a 10-epoch Gram EMA
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
@@ -110,7 +111,9 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-xgram75": "apex+cone with 3/4 cross-epoch + 1/4 batch Gram",
           "apex+cone-adam": "apex+cone with the Gram in Adam's metric",
           "apex+cone-xgram-adam": "apex+cone with the cross-epoch Gram in Adam's metric",
-          "apex+cone-x875-adam-b90": "apex+cone, 7/8 cross-epoch Gram in Adam's metric, beta_cone 0.9"}
+          "apex+cone-x875-adam-b90": "apex+cone, 7/8 cross-epoch Gram in Adam's metric, beta_cone 0.9",
+          "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
+          "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 

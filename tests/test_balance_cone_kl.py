@@ -206,3 +206,43 @@ def test_the_trainer_hands_the_kl_products_to_apex(tmp_path):
         torch.testing.assert_close(b, _flat(J) @ torch.cat([k.flatten() for k in kl]).double(), rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(g, b)
     assert bool(torch.isfinite(tr.balancer.cone_kl).all())
+
+
+def test_deepspeed_zero2_counts_the_kl_like_the_torch_engine(tmp_path):
+    """Under DeepSpeed the KL term's backward goes through the engine and still reaches backward_kl: one
+    ZeRO-2 process logs the torch engine's coefficients (epoch 2 uses epoch 1's J g_KL)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_grad_training import FAST, ROOT
+
+    base = ["train.epochs=2", "balance.method=apex", "balance.gradients=one_backward", "balance.dual_cone=true",
+            "balance.conflict_damping=0", "balance.cone_kl=true", "balance.warmup_epochs=0", "train.ema=false"]
+    out = tmp_path / "ds"
+    args = [sys.executable, str(ROOT / "apex_fast/train.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"),
+            "--output-dir", str(out), "--deepspeed", str(ROOT / "configs/ds_zero2.json")]
+    for o in FAST + base:
+        args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tr = Trainer(make_cfg(tmp_path, *base, name="torch"))
+    tr.fit()
+    assert bool(torch.isfinite(tr.balancer.cone_kl).all())
+
+    def coefs(folder):
+        rows = list(csv.DictReader((Path(folder) / "metrics.csv").open()))
+        return {k: float(v) for k, v in rows[-1].items() if k.startswith("coef/") and v}
+
+    ds, ref = coefs(out), coefs(tmp_path / "torch")
+    assert ds and set(ds) == set(ref)
+    assert max(abs(ds[k] - ref[k]) for k in ds) < 1e-3, (ds, ref)
+    # the products themselves (the balancer state of the last checkpoint): the same as the torch engine's
+    from apex_fast.checkpoint import load_checkpoint
+    b = torch.as_tensor(load_checkpoint(out / "checkpoints/checkpoint-000002")["balancer"]["cone_kl"], dtype=torch.float64)
+    assert bool(torch.isfinite(b).all()) and float(b.abs().max()) > 0
+    assert rel(b, tr.balancer.cone_kl) < 1e-2, (b, tr.balancer.cone_kl)
