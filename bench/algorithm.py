@@ -20,7 +20,8 @@ when its conflict_source is "gram", with the advantage-correlation proxy otherwi
 through apex_fast.grad.sequence, as in the trainer.
 Variants with `bench_gram: cross_epoch` get sym(J_t J_{t-1}^T) instead of the batch Gram J_t J_t^T
 (the Gram of the mean gradients, without the sampling noise on the diagonal), with `+adam` in Adam's
-metric (GramMeasure).
+metric (GramMeasure). Variants with `cone_kl` also hand APEX J g_KL (the objectives' gradients times the KL
+term's, kl_gradient, in the same metric) through commit_epoch, as the trainer does with balance.cone_kl.
 
 Reported per scenario and method, mean +- standard error over seeds: improvement of the held-out
 deterministic policy (the ODE analogue, noiseless rewards, 64 held-out prompts) over the base policy,
