@@ -104,6 +104,9 @@ VARIANTS = {
                      GRAM_KEY: "cross_epoch+adam"},
     "apex+cone-kl-b90": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
                          "beta_cone": 0.9, GRAM_KEY: "cross_epoch+adam"},  # ... with a 10-epoch Gram EMA
+    # ... with the objectives P^3 reads as unlearnable (L < 0.25) outside the cone (validated on seeds 96-127)
+    "apex+cone-kl-b90-L": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
+                           "beta_cone": 0.9, "cone_min_learn": 0.25, GRAM_KEY: "cross_epoch+adam"},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
@@ -114,7 +117,8 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-xgram-adam": "apex+cone with the cross-epoch Gram in Adam's metric",
           "apex+cone-x875-adam-b90": "apex+cone, 7/8 cross-epoch Gram in Adam's metric, beta_cone 0.9",
           "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
-          "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9"}
+          "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9",
+          "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 

@@ -246,3 +246,40 @@ def test_deepspeed_zero2_counts_the_kl_like_the_torch_engine(tmp_path):
     b = torch.as_tensor(load_checkpoint(out / "checkpoints/checkpoint-000002")["balancer"]["cone_kl"], dtype=torch.float64)
     assert bool(torch.isfinite(b).all()) and float(b.abs().max()) > 0
     assert rel(b, tr.balancer.cone_kl) < 1e-2, (b, tr.balancer.cone_kl)
+
+
+def test_cone_min_learn_leaves_unlearnable_objectives_outside_the_cone():
+    """cone_min_learn: an objective whose last learnability L is below it keeps its priority and constrains
+    nothing (with two objectives: the cone over the other alone, c = pi); L comes from update()."""
+    G = torch.tensor([[1.0, -0.9], [-0.9, 4.0]])  # b's gradient twice as long, strongly opposed
+    R, gid = _rewards(2)
+    gated, plain = _apex(cone_min_learn=0.5), _apex()
+    for bal in (gated, plain):
+        bal.advantages(R, gid)
+        stats = bal.update(gram=G)
+    torch.testing.assert_close(gated.cone_learn, torch.tensor([stats["L/a"], stats["L/b"]], dtype=torch.float64))
+    assert torch.equal(plain.cone_learn, torch.ones(2, dtype=torch.float64))  # off: never read
+    gated.cone_learn = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    assert gated.cone_members.tolist() == [True, False]
+    _, sg = gated.advantages(R, gid)
+    _, sp = plain.advantages(R, gid)
+    pi = gated.priorities
+    assert sg["coef/a"] == pytest.approx(float(pi[0] / pi.sum()), rel=1e-6)
+    assert sp["coef/a"] != pytest.approx(sg["coef/a"], rel=1e-3)  # the full cone moves the coefficients
+    # every objective learnable: the plain cone exactly
+    gated.cone_learn = torch.ones(2, dtype=torch.float64)
+    assert gated.advantages(R, gid)[1]["coef/a"] == pytest.approx(sp["coef/a"], rel=1e-12)
+    # state round trip
+    other = _apex(cone_min_learn=0.5)
+    gated.cone_learn = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    other.load_state_dict(gated.state_dict())
+    assert torch.equal(other.cone_learn, gated.cone_learn)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"dual_cone": True, "cone_min_learn": 1.5}, r"balance.cone_min_learn must be in \[0, 1\)"),
+    ({"cone_min_learn": 0.25}, "balance.cone_min_learn applies to the dual cone: set dual_cone: true"),
+])
+def test_cone_min_learn_errors_name_the_field(over, match):
+    with pytest.raises(ValueError, match=match):
+        BalanceConfig(method="apex", **over).validate()

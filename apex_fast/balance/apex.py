@@ -48,6 +48,7 @@ class APEX(Balancer):
         self.pi = self._warmup_pi()
         self.cone_gram = torch.full((self.K, self.K), float("nan"), dtype=torch.float64)  # dual_cone only
         self.cone_kl = torch.full((self.K,), float("nan"), dtype=torch.float64)  # cone_kl only: EMA of J g_KL
+        self.cone_learn = torch.ones(self.K, dtype=torch.float64)  # the last P^3 learnability L (cone_min_learn)
 
     @property
     def wants_gram(self) -> bool:
@@ -72,10 +73,15 @@ class APEX(Balancer):
         floor = self._floor(sbar)
         c = self.p3.coefficients(self.pi)  # pi, or pi tilted by the min-norm weights (min_norm_base)
         if self.cfg.dual_cone and bool(torch.isfinite(self.cone_gram).all()):
-            c = upgrad_coefficients(self.cone_gram, c).double()
+            m = self.cone_members
+            if bool(m.all()):
+                c = upgrad_coefficients(self.cone_gram, c).double()
+            elif bool(m.any()):  # objectives read as unlearnable keep their priority, outside the cone
+                c = c.clone()
+                c[m] = upgrad_coefficients(self.cone_gram[m][:, m], c[m]).double()
             c = c / c.sum()
-            if self.cfg.cone_kl and bool(torch.isfinite(self.cone_kl).all()):
-                c = self._kl_offset(R, group_ids, c, floor)
+            if self.cfg.cone_kl and bool(torch.isfinite(self.cone_kl).all()) and bool(m.any()):
+                c = self._kl_offset(R, group_ids, c, floor, m)
         A, Ahat, _ = dual_stage_advantages(
             R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
@@ -88,7 +94,7 @@ class APEX(Balancer):
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
-    def _kl_offset(self, R, group_ids, c, floor):
+    def _kl_offset(self, R, group_ids, c, floor, m):
         """The cone's c raised until the step with the KL term conflicts with no objective (cone_kl).
         The reward part of the step is J^T c / std(Ahat c) after the batch renormalisation, the KL part
         carries beta itself, so the offset is weighed by s = std(Ahat c) (c summing to 1)."""
@@ -97,10 +103,23 @@ class APEX(Balancer):
         s = float((Ahat.double().cpu() @ c).std(unbiased=False))
         if not (s > 0):
             return c
-        c = offset_cone_coefficients(self.cone_gram, c, self.cone_kl, s).double()
+        if bool(m.all()):
+            c = offset_cone_coefficients(self.cone_gram, c, self.cone_kl, s).double()
+        else:
+            c = c.clone()
+            c[m] = offset_cone_coefficients(self.cone_gram[m][:, m], c[m], self.cone_kl[m], s).double()
         return c / c.sum()
 
+    @property
+    def cone_members(self) -> torch.Tensor:
+        """[K] bool: the objectives the dual cone protects: those with a weight and, with cone_min_learn,
+        a last learnability L_k at least that (a reward with no signal has a near-zero mean gradient,
+        which makes its coefficient free in the cone while its advantages add noise)."""
+        return (self.weights > 0) & (self.cone_learn >= self.cfg.cone_min_learn)
+
     def _after_step(self, res, M):
+        if res is not None and self.cfg.cone_min_learn > 0:
+            self.cone_learn = torch.as_tensor(res["L"], dtype=torch.float64).flatten().cpu().clone()
         if self.cfg.dual_cone:  # the conflicts that persist, not one batch's sampling noise
             if self.cfg.cone_kl and M is not None and self._kl_products is not None:
                 self.cone_kl = normalised_kl_ema(self.cone_kl, M, self._kl_products, self.cfg.beta_cone, self.weights > 0)
@@ -115,7 +134,7 @@ class APEX(Balancer):
 
     def state_dict(self):
         return {**super().state_dict(), "pi": self.pi.clone(), "cone_gram": self.cone_gram.clone(),
-                "cone_kl": self.cone_kl.clone()}
+                "cone_kl": self.cone_kl.clone(), "cone_learn": self.cone_learn.clone()}
 
     def _load_state(self, state):
         super()._load_state(state)
@@ -128,6 +147,11 @@ class APEX(Balancer):
             if G.shape != (self.K, self.K):
                 raise ValueError(f"balancer state 'cone_gram' has shape {tuple(G.shape)}, expected ({self.K}, {self.K})")
             self.cone_gram = G.clone()
+        if "cone_learn" in state:  # absent in checkpoints from before cone_min_learn
+            L = torch.as_tensor(state["cone_learn"], dtype=torch.float64).flatten().cpu()
+            if L.numel() != self.K:
+                raise ValueError(f"balancer state 'cone_learn' has {L.numel()} values, expected K = {self.K}")
+            self.cone_learn = L.clone()
         if "cone_kl" in state:  # absent in checkpoints from before cone_kl
             b = torch.as_tensor(state["cone_kl"], dtype=torch.float64).flatten().cpu()
             if b.numel() != self.K:

@@ -65,6 +65,7 @@ class BalanceConfig:
     # with conflict_damping 0, the cone removes the conflicts the damping guards against)
     dual_cone: bool = False
     cone_kl: bool = False  # dual_cone: raise the cone's coefficients so the step WITH the KL term lowers no objective (needs J g_KL)
+    cone_min_learn: float = 0.0  # dual_cone: objectives whose learnability L_k is below this stay outside the cone (0: none)
     beta_cone: float = 0.95  # EMA decay of the normalised Gram behind dual_cone (0: the last epoch's Gram)
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
@@ -132,6 +133,8 @@ class BalanceConfig:
         need(isinstance(self.dual_cone, bool), "dual_cone", f"must be true or false, got {self.dual_cone!r}")
         need(not (self.dual_cone and self.min_norm_base), "dual_cone",
              "and min_norm_base are two ways to combine the priorities with the Gram; set one of them")
+        need(0 <= number("cone_min_learn") < 1, "cone_min_learn", f"must be in [0, 1) (L_k is in [0, 1]), got {self.cone_min_learn}")
+        need(self.cone_min_learn == 0 or self.dual_cone, "cone_min_learn", "applies to the dual cone: set dual_cone: true")
         need(isinstance(self.cone_kl, bool), "cone_kl", f"must be true or false, got {self.cone_kl!r}")
         need(not self.cone_kl or self.dual_cone, "cone_kl", "counts the KL term in the dual cone: set dual_cone: true")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",
