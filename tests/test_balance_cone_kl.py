@@ -212,24 +212,15 @@ def test_deepspeed_zero2_counts_the_kl_like_the_torch_engine(tmp_path):
     """Under DeepSpeed the KL term's backward goes through the engine and still reaches backward_kl: one
     ZeRO-2 process logs the torch engine's coefficients (epoch 2 uses epoch 1's J g_KL)."""
     import csv
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from test_grad_training import FAST, ROOT
+    from _fast import deepspeed_one_process
+    from test_grad_training import FAST
 
     base = ["train.epochs=2", "balance.method=apex", "balance.gradients=one_backward", "balance.dual_cone=true",
             "balance.conflict_damping=0", "balance.cone_kl=true", "balance.warmup_epochs=0", "train.ema=false"]
     out = tmp_path / "ds"
-    args = [sys.executable, str(ROOT / "apex_fast/train.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"),
-            "--output-dir", str(out), "--deepspeed", str(ROOT / "configs/ds_zero2.json")]
-    for o in FAST + base:
-        args += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                          timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    deepspeed_one_process(tmp_path, out, FAST + base)
     tr = Trainer(make_cfg(tmp_path, *base, name="torch"))
     tr.fit()
     assert bool(torch.isfinite(tr.balancer.cone_kl).all())

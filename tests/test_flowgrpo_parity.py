@@ -2,9 +2,6 @@
 exported LoRA is the EMA, lr warmup, lora.init_from, SDE windows, and console feedback."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from apex_fast.rl.sde import sde_noise_std, sde_step_with_logprob
 from apex_fast.runtime.engines import lr_schedule
 from apex_fast.train import Trainer
 
-from _fast import quick_run
+from _fast import deepspeed_one_process, quick_run
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,14 +133,7 @@ def test_deepspeed_accumulation_matches_the_torch_engine(tmp_path):
     like the torch engine with the same accumulation, not like one step per micro-batch."""
     base = ["train.epochs=2", "sample.group_size=4", "train.gradient_accumulation=2", "train.ema=false"]
     out = tmp_path / "ds"
-    args = [sys.executable, str(ROOT / "apex_fast/train.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"),
-            "--output-dir", str(out), "--deepspeed", str(ROOT / "configs/ds_zero2.json")]
-    for o in FAST + base:
-        args += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                          timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    deepspeed_one_process(tmp_path, out, FAST + base)
     state = json.loads((out / "checkpoints/checkpoint-000002/state.json").read_text())
     assert state["global_step"] == 4
     ds_w = load_file(str(out / "lora/pytorch_lora_weights.safetensors"))

@@ -156,25 +156,16 @@ def test_deepspeed_zero2_gives_the_same_adam_metric_gram_as_the_torch_engine(tmp
     one process under DeepSpeed logs the same Gram cosines as the torch engine, and those differ from the
     parameter metric's (so the metric was applied, not skipped)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from test_grad_training import FAST, ROOT
+    from _fast import deepspeed_one_process
+    from test_grad_training import FAST
 
     # the batch estimate: its logged cosines are those of the metric's Gram (the cross-epoch one can have a
     # negative diagonal on this random model, whose cosines then read 0)
     base = ["train.epochs=2", "balance.method=apex", "balance.gradients=one_backward", "balance.dual_cone=true",
             "balance.conflict_damping=0", "train.ema=false"]
     out = tmp_path / "ds"
-    args = [sys.executable, str(ROOT / "apex_fast/train.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"),
-            "--output-dir", str(out), "--deepspeed", str(ROOT / "configs/ds_zero2.json")]
-    for o in FAST + base + ["balance.gram_metric=adam"]:
-        args += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                          timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    deepspeed_one_process(tmp_path, out, FAST + base + ["balance.gram_metric=adam"])
     for metric in ("adam", "parameters"):
         Trainer(make_cfg(tmp_path, *base, f"balance.gram_metric={metric}", name=metric)).fit()
 

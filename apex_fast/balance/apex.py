@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import dual_stage_advantages, group_stats
+from ..ops import dual_stage_advantages, group_normalize, group_stats
 from .aggregators import offset_cone_coefficients, upgrad_coefficients
 from .base import Balancer, register_balancer, validate_rewards
 from .priorities import normalised_gram_ema, normalised_kl_ema
@@ -73,15 +73,11 @@ class APEX(Balancer):
         floor = self._floor(sbar)
         c = self.p3.coefficients(self.pi)  # pi, or pi tilted by the min-norm weights (min_norm_base)
         if self.cfg.dual_cone and bool(torch.isfinite(self.cone_gram).all()):
-            m = self.cone_members
-            if bool(m.all()):
-                c = upgrad_coefficients(self.cone_gram, c).double()
-            elif bool(m.any()):  # objectives read as unlearnable keep their priority, outside the cone
-                c = c.clone()
-                c[m] = upgrad_coefficients(self.cone_gram[m][:, m], c[m]).double()
-            c = c / c.sum()
-            if self.cfg.cone_kl and bool(torch.isfinite(self.cone_kl).all()) and bool(m.any()):
-                c = self._kl_offset(R, group_ids, c, floor, m)
+            m = self.cone_members  # the others (read as unlearnable) keep their priority, outside the cone
+            if bool(m.any()):
+                c = self._on_members(m, c, lambda G, cm: upgrad_coefficients(G, cm))
+                if self.cfg.cone_kl and bool(torch.isfinite(self.cone_kl).all()):
+                    c = self._kl_offset(R, group_ids, c, floor, m)
         A, Ahat, _ = dual_stage_advantages(
             R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
             eps=self.cfg.eps, clip=self.cfg.adv_clip)
@@ -94,21 +90,23 @@ class APEX(Balancer):
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
 
+    def _on_members(self, m, c, solve):
+        """c with its cone members' entries replaced by ``solve(G over the members, their c)``, normalised."""
+        c = c.double().clone()
+        c[m] = solve(self.cone_gram[m][:, m], c[m]).double()
+        return c / c.sum()
+
     def _kl_offset(self, R, group_ids, c, floor, m):
         """The cone's c raised until the step with the KL term conflicts with no objective (cone_kl).
         The reward part of the step is J^T c / std(Ahat c) after the batch renormalisation, the KL part
-        carries beta itself, so the offset is weighed by s = std(Ahat c) (c summing to 1)."""
-        _, Ahat, _ = dual_stage_advantages(R, group_ids, c.float().to(R.device), std_floor=floor.float().to(R.device),
-                                           eps=self.cfg.eps, clip=self.cfg.adv_clip)
+        carries beta itself, so the offset is weighed by s = std(Ahat c) (c summing to 1; Ahat is stage 1,
+        which does not depend on c)."""
+        Ahat = group_normalize(R, group_ids, eps=self.cfg.eps, std_floor=floor.float().to(R.device))
         s = float((Ahat.double().cpu() @ c).std(unbiased=False))
         if not (s > 0):
             return c
-        if bool(m.all()):
-            c = offset_cone_coefficients(self.cone_gram, c, self.cone_kl, s).double()
-        else:
-            c = c.clone()
-            c[m] = offset_cone_coefficients(self.cone_gram[m][:, m], c[m], self.cone_kl[m], s).double()
-        return c / c.sum()
+        b = self.cone_kl[m]
+        return self._on_members(m, c, lambda G, cm: offset_cone_coefficients(G, cm, b, s))
 
     @property
     def cone_members(self) -> torch.Tensor:

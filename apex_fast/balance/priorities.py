@@ -86,33 +86,28 @@ def advantage_gram(Ahat: torch.Tensor) -> torch.Tensor:
     return (X.T @ X / max(X.shape[0], 1)).cpu()
 
 
-def normalised_gram_ema(ema: torch.Tensor, G: torch.Tensor | None, beta: float, active: torch.Tensor) -> torch.Tensor:
-    """``beta * ema + (1 - beta) * G / scale`` with scale the mean diagonal of G over the active objectives
-    (so the EMA mixes directions, not the gradient scale of the moment); G itself when ``ema`` is still NaN;
-    ``ema`` unchanged when G is None or carries no gradient signal (no positive diagonal, non-finite)."""
-    if G is None:
-        return ema
-    G = G.double().cpu()
+def _ema_in_gram_scale(ema: torch.Tensor, x: torch.Tensor, G: torch.Tensor, beta: float, active: torch.Tensor) -> torch.Tensor:
+    """``beta * ema + (1 - beta) * x / scale``, scale the mean diagonal of G over the active objectives; x / scale
+    itself when ``ema`` is still NaN; ``ema`` unchanged when G has no positive diagonal or x is not finite."""
+    G, x = G.double().cpu(), x.double().cpu()
     idx = active.nonzero().flatten()
     scale = float(G[idx, idx].clamp_min(0).mean())
-    if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(G).all()):
+    if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(x).all()):
         return ema
-    G = G / scale
-    return beta * ema + (1 - beta) * G if bool(torch.isfinite(ema).all()) else G.clone()
+    x = x / scale
+    return beta * ema + (1 - beta) * x if bool(torch.isfinite(ema).all()) else x.clone()
+
+
+def normalised_gram_ema(ema: torch.Tensor, G: torch.Tensor | None, beta: float, active: torch.Tensor) -> torch.Tensor:
+    """The EMA of G / (mean active diagonal of G), so the EMA mixes directions, not the gradient scale of the
+    moment (G itself first; ``ema`` unchanged when G is None or carries no gradient signal)."""
+    return ema if G is None else _ema_in_gram_scale(ema, G, G, beta, active)
 
 
 def normalised_kl_ema(ema: torch.Tensor, G: torch.Tensor, b: torch.Tensor, beta: float, active: torch.Tensor) -> torch.Tensor:
-    """``beta * ema + (1 - beta) * b / scale``, scale the mean diagonal of G over the active objectives
-    (the scale normalised_gram_ema divides G by, so b = J g_KL stays comparable with the cone's Gram); b
-    itself when ``ema`` is still NaN; ``ema`` unchanged when G carries no gradient signal."""
-    G = G.double().cpu()
-    idx = active.nonzero().flatten()
-    scale = float(G[idx, idx].clamp_min(0).mean())
-    b = b.double().cpu().flatten()
-    if not (math.isfinite(scale) and scale > 0) or not bool(torch.isfinite(b).all()):
-        return ema
-    b = b / scale
-    return beta * ema + (1 - beta) * b if bool(torch.isfinite(ema).all()) else b.clone()
+    """The EMA of b = J g_KL [K] in the scale normalised_gram_ema divides G by, so b stays comparable with
+    the cone's Gram."""
+    return _ema_in_gram_scale(ema, b.flatten(), G, beta, active)
 
 
 def min_norm_weights(G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

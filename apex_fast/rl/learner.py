@@ -296,16 +296,9 @@ class GRPOLearner(Learner):
             d_step = d if d_step is None else torch._foreach_add(d_step, d)
         if d_step is not None:
             self.engine.add_grads(d_step)
-        if self._epoch_J is None:
-            self._epoch_J = [g.clone() for g in gram_blocks]
-        else:
-            torch._foreach_add_(self._epoch_J, gram_blocks)
+        self._epoch_J = _summed(self._epoch_J, gram_blocks)
         if self.cfg.balance.cone_kl and kl_on:
-            kl_blocks = self.grads.kl_blocks()
-            if self._epoch_kl is None:
-                self._epoch_kl = [g.clone() for g in kl_blocks]
-            else:
-                torch._foreach_add_(self._epoch_kl, kl_blocks)
+            self._epoch_kl = _summed(self._epoch_kl, self.grads.kl_blocks())
 
     def _epoch_gram(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Gram of the epoch's summed captured gradients as ``balance.gram_estimate`` / ``gram_metric`` ask
@@ -345,3 +338,11 @@ class GRPOLearner(Learner):
             for row in per_step.tolist():  # one host sync per forward
                 for key, v in zip(("approx_kl", "clipfrac", "kl", "policy_loss"), row):
                     stats[key].append(v)
+
+
+def _summed(acc: list[torch.Tensor] | None, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The epoch's running sum of captured blocks: a copy of the first step's, then added in place."""
+    if acc is None:
+        return [b.clone() for b in blocks]
+    torch._foreach_add_(acc, blocks)
+    return acc
