@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
-from apex_fast.grad import adam_step_scale, commit_epoch, epoch_advantages  # noqa: E402
+from apex_fast.grad import adam_step_scale, commit_epoch, epoch_advantages, gram_persistence  # noqa: E402
 from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios  # noqa: E402
 
 BASELINES = ["static", "gdpo", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
@@ -107,6 +107,10 @@ VARIANTS = {
     # ... with the objectives P^3 reads as unlearnable (L < 0.25) outside the cone (validated on seeds 96-127)
     "apex+cone-kl-b90-L": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
                            "beta_cone": 0.9, "cone_min_learn": 0.25, GRAM_KEY: "cross_epoch+adam"},
+    # ... and objectives whose gradient persistence (EMA of cos(g_t, g_{t-1})) is below 0.1 outside the cone too
+    "apex+cone-kl-b90-LP": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
+                            "beta_cone": 0.9, "cone_min_learn": 0.25, "cone_min_persistence": 0.1,
+                            "gram_estimate": "cross_epoch", GRAM_KEY: "cross_epoch+adam"},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
@@ -118,7 +122,8 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-x875-adam-b90": "apex+cone, 7/8 cross-epoch Gram in Adam's metric, beta_cone 0.9",
           "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
           "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9",
-          "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25"}
+          "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25",
+          "apex+cone-kl-b90-LP": "apex+cone-kl-b90-L with cone_min_persistence 0.1"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
@@ -210,13 +215,17 @@ class GramMeasure:
 
     def __init__(self, cross_weight: float = 0.0):
         self.prev, self.w = None, cross_weight
+        self.persistence = None  # [K] cos(J_t, J_{t-1}) per objective in the metric (the trainer's EpochGram)
 
     def __call__(self, Ahat, e, z, mu, metric=None):
         J = objective_jacobian(Ahat, e, z, mu)
         Jm = J if metric is None else J * metric
         M = Jm @ J.T
+        self.persistence = None
         if self.w and self.prev is not None:
             M = self.w * 0.5 * (Jm @ self.prev.T + self.prev @ Jm.T) + (1 - self.w) * M
+            before = self.prev * (1 if metric is None else metric) * self.prev
+            self.persistence = gram_persistence((Jm * self.prev).sum(1), (Jm * J).sum(1), before.sum(1))
         self.prev = J
         return M
 
@@ -301,8 +310,8 @@ def run_scenario(sc, method: str, seeds: list[int], epochs: int, eval_every: int
             opt.step(grpo_grad(W, b, e, z, old_lp, A, mu_ref))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # apex with conflict_source gram warns on no Gram; not here
-            for bal, adv, kl in zip(bals, advs, kl_products):
-                commit_epoch(bal, adv, kl_products=kl)  # lagged flow (APEX, FAMO, static, gdpo); no-op after same-epoch
+            for s, (bal, adv, kl) in enumerate(zip(bals, advs, kl_products)):
+                commit_epoch(bal, adv, kl_products=kl, persistence=None if plain else grams[s].persistence)  # lagged flow (APEX, FAMO, static, gdpo); no-op after same-epoch
         stats_all = [adv.stats | adv.update_stats for adv in advs]
         eff_hist.append([[st.get(f"effective_share/{n}", float("nan")) for n in sc.names] for st in stats_all])
         if trace:

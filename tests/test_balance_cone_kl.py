@@ -197,7 +197,7 @@ def test_the_trainer_hands_the_kl_products_to_apex(tmp_path):
 
     tr.learner._epoch_gram = spy
     real_update = tr.balancer.update
-    tr.balancer.update = lambda gram=None, kl_products=None: (got.append(kl_products), real_update(gram, kl_products))[1]
+    tr.balancer.update = lambda gram=None, kl_products=None, **kw: (got.append(kl_products), real_update(gram, kl_products, **kw))[1]
     tr.fit()
     assert len(seen) == 2 and all(b is not None for b in got)
     for (J, kl, b), g in zip(seen, got):

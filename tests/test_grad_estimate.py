@@ -72,6 +72,36 @@ def test_cross_epoch_weight_blends_in_the_batch_gram():
         EpochGram("cross_epoch", 1.5)
 
 
+def test_persistence_is_each_gradients_cosine_with_its_previous_one():
+    """cos(J_t,k, J_{t-1},k) in the metric P (both norms in this epoch's P), per objective; None for the
+    batch estimate and the first cross epoch; unchanged by the blend weight."""
+    J1, J2 = _blocks(11), _blocks(12)
+    J2[1] = J2[1] * 0  # one block set to zero changes nothing but the norms
+    g = torch.Generator().manual_seed(13)
+    P = [torch.rand(b.shape[1:], generator=g) + 0.1 for b in J1]
+    for w in (1.0, 0.5):
+        est = EpochGram("cross_epoch", w)
+        est(J1, scale=P)
+        assert est.persistence is None
+        est(J2, scale=P)
+        a, b = _flat(J2, [s.sqrt() for s in P]), _flat(J1, [s.sqrt() for s in P])
+        want = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        torch.testing.assert_close(est.persistence, want, rtol=1e-5, atol=1e-6)
+    # the same gradient twice: 1; its negative: -1; a vanishing one: 0
+    est = EpochGram("cross_epoch")
+    est(J1)
+    J1b = [b.clone() for b in J1]
+    for b in J1b:
+        b[1] = -b[1]
+        b[2] = 0
+    est(J1b)
+    torch.testing.assert_close(est.persistence, torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    batch = EpochGram("batch")
+    batch(J1)
+    batch(J2)
+    assert batch.persistence is None
+
+
 def test_bad_estimate_names_the_field():
     with pytest.raises(ValueError, match="balance.gram_estimate must be batch or cross_epoch"):
         EpochGram("ema")
@@ -135,10 +165,11 @@ def test_the_trainer_hands_the_cross_epoch_adam_gram_to_the_balancer(tmp_path):
         seen[-1] += (M.clone(),)
         return M
 
-    tr.learner.epoch_gram = spy
+    tr.learner.epoch_gram = type("Spy", (), {"__call__": lambda self, *a, **k: spy(*a, **k),
+                                             "persistence": property(lambda self: est.persistence)})()
     got = []
     real_update = tr.balancer.update
-    tr.balancer.update = lambda gram=None, kl_products=None: (got.append(gram.clone()), real_update(gram=gram))[1]
+    tr.balancer.update = lambda gram=None, **kw: (got.append(gram.clone()), real_update(gram=gram, **kw))[1]
     tr.fit()
     assert len(seen) == 2 and len(got) == 2
     (J1, P1, M1), (J2, P2, M2) = seen

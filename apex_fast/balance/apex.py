@@ -41,6 +41,11 @@ class APEX(Balancer):
     scaled like G) the coefficients are raised to ``c = argmin_{v >= c_cone} v^T G v + 2 s b^T v``,
     s = std(Ahat c_cone) / sum(c_cone) (the batch renormalisation's scale of the reward part), so that
     the whole step, KL included, conflicts with no objective of G.
+
+    ``cone_min_persistence`` (opt-in, with ``dual_cone``): an objective joins the cone only once the EMA
+    (beta_cone) of its gradient persistence (``update(persistence=)``: the cosine of its gradient with the
+    previous epoch's, about |mu|^2 / (|mu|^2 + noise)) is at least this. Below it the epochs do not
+    measure its mean gradient, and the cone would act on the noise of G; it keeps its priority.
     """
 
     def __init__(self, weights, cfg=None, names=None, **overrides):
@@ -49,6 +54,8 @@ class APEX(Balancer):
         self.cone_gram = torch.full((self.K, self.K), float("nan"), dtype=torch.float64)  # dual_cone only
         self.cone_kl = torch.full((self.K,), float("nan"), dtype=torch.float64)  # cone_kl only: EMA of J g_KL
         self.cone_learn = torch.ones(self.K, dtype=torch.float64)  # the last P^3 learnability L (cone_min_learn)
+        # EMA of the gradient persistence, from 0 (bias kept: an objective shows persistence over a few epochs to join)
+        self.cone_persist = torch.zeros(self.K, dtype=torch.float64)
 
     @property
     def wants_gram(self) -> bool:
@@ -86,6 +93,8 @@ class APEX(Balancer):
         if self.cfg.min_norm_base or self.cfg.dual_cone:
             stats.update(self._vec("coef", c))
             stats.update(self._vec("priority", self.pi))
+        if self.cfg.dual_cone:
+            stats.update(self._vec("cone_member", self.cone_members.double()))
         if self.cfg.min_norm_base:
             stats.update(self._vec("min_norm", self.p3.base))
         return A, stats
@@ -112,27 +121,37 @@ class APEX(Balancer):
     def cone_members(self) -> torch.Tensor:
         """[K] bool: the objectives the dual cone protects: those with a weight and, with cone_min_learn,
         a last learnability L_k at least that (a reward with no signal has a near-zero mean gradient,
-        which makes its coefficient free in the cone while its advantages add noise)."""
-        return (self.weights > 0) & (self.cone_learn >= self.cfg.cone_min_learn)
+        which makes its coefficient free in the cone while its advantages add noise), and with
+        cone_min_persistence, a gradient persistence EMA at least that (it starts at 0: not yet measured)."""
+        m = (self.weights > 0) & (self.cone_learn >= self.cfg.cone_min_learn)
+        if self.cfg.cone_min_persistence > 0:
+            m &= self.cone_persist >= self.cfg.cone_min_persistence
+        return m
 
     def _after_step(self, res, M):
         if res is not None and self.cfg.cone_min_learn > 0:
             self.cone_learn = torch.as_tensor(res["L"], dtype=torch.float64).flatten().cpu().clone()
+        stats = {}
+        if self.cfg.dual_cone and self._persistence is not None:
+            p, b = self._persistence, self.cfg.beta_cone
+            self.cone_persist = b * self.cone_persist + (1 - b) * p
+            stats.update(self._vec("persistence", self.cone_persist))
         if self.cfg.dual_cone:  # the conflicts that persist, not one batch's sampling noise
             if self.cfg.cone_kl and M is not None and self._kl_products is not None:
                 self.cone_kl = normalised_kl_ema(self.cone_kl, M, self._kl_products, self.cfg.beta_cone, self.weights > 0)
             self.cone_gram = normalised_gram_ema(self.cone_gram, M, self.cfg.beta_cone, self.weights > 0)
         if res is None:
-            return {}
+            return stats
         if self.p3.epoch < self.cfg.warmup_epochs:
             self.pi = self._warmup_pi()
         else:
             self.pi = self.p3.priorities(res["L"], res["C"], res["N"], self.pi)
-        return self._vec("priority_next", self.pi)
+        return {**stats, **self._vec("priority_next", self.pi)}
 
     def state_dict(self):
         return {**super().state_dict(), "pi": self.pi.clone(), "cone_gram": self.cone_gram.clone(),
-                "cone_kl": self.cone_kl.clone(), "cone_learn": self.cone_learn.clone()}
+                "cone_kl": self.cone_kl.clone(), "cone_learn": self.cone_learn.clone(),
+                "cone_persist": self.cone_persist.clone()}
 
     def _load_state(self, state):
         super()._load_state(state)
@@ -145,13 +164,9 @@ class APEX(Balancer):
             if G.shape != (self.K, self.K):
                 raise ValueError(f"balancer state 'cone_gram' has shape {tuple(G.shape)}, expected ({self.K}, {self.K})")
             self.cone_gram = G.clone()
-        if "cone_learn" in state:  # absent in checkpoints from before cone_min_learn
-            L = torch.as_tensor(state["cone_learn"], dtype=torch.float64).flatten().cpu()
-            if L.numel() != self.K:
-                raise ValueError(f"balancer state 'cone_learn' has {L.numel()} values, expected K = {self.K}")
-            self.cone_learn = L.clone()
-        if "cone_kl" in state:  # absent in checkpoints from before cone_kl
-            b = torch.as_tensor(state["cone_kl"], dtype=torch.float64).flatten().cpu()
-            if b.numel() != self.K:
-                raise ValueError(f"balancer state 'cone_kl' has {b.numel()} values, expected K = {self.K}")
-            self.cone_kl = b.clone()
+        for key in ("cone_learn", "cone_kl", "cone_persist"):  # absent in checkpoints from before each option
+            if key in state:
+                v = torch.as_tensor(state[key], dtype=torch.float64).flatten().cpu()
+                if v.numel() != self.K:
+                    raise ValueError(f"balancer state {key!r} has {v.numel()} values, expected K = {self.K}")
+                setattr(self, key, v.clone())

@@ -104,6 +104,7 @@ class Balancer:
         self._Ahat: torch.Tensor | None = None
         self._gram_seen = False
         self._kl_products: torch.Tensor | None = None  # update(kl_products=) of this epoch (APEX cone_kl)
+        self._persistence: torch.Tensor | None = None  # update(persistence=) of this epoch (APEX cone_min_persistence)
 
     # ----------------------------------------------------------------------------- interface
     @property
@@ -121,18 +122,16 @@ class Balancer:
     def advantages(self, R: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def update(self, gram: torch.Tensor | None = None, kl_products: torch.Tensor | None = None) -> dict:
+    def update(self, gram: torch.Tensor | None = None, kl_products: torch.Tensor | None = None,
+               persistence: torch.Tensor | None = None) -> dict:
         """Once per epoch, after advantages(): commits this epoch's statistics; returns diagnostics.
         ``kl_products`` [K] (with a Gram): ``J g_KL``, each objective's gradient times the KL term's, in
-        the Gram's scale; only APEX with ``cone_kl`` uses it."""
+        the Gram's scale; only APEX with ``cone_kl`` uses it. ``persistence`` [K] (with a Gram): each
+        objective's gradient cosine with its previous epoch's (grad.EpochGram, cross_epoch); only APEX
+        with ``cone_min_persistence`` uses it."""
         M = self._check_gram(gram)
-        self._kl_products = None
-        if kl_products is not None and M is not None:
-            b = torch.as_tensor(kl_products).detach().to("cpu", torch.float64).flatten()
-            if b.numel() != self.K:
-                raise ValueError(f"kl_products must be [K] = [{self.K}], got shape {tuple(b.shape)}")
-            if bool(torch.isfinite(b).all()):
-                self._kl_products = b
+        self._kl_products = self._per_objective(kl_products, "kl_products") if M is not None else None
+        self._persistence = self._per_objective(persistence, "persistence") if M is not None else None
         res = self.p3.step(M, self._conflict_source(M))
         stats = {}
         if res is None:
@@ -144,6 +143,15 @@ class Balancer:
             stats.update(self._gram_stats(M))
         stats.update(self._after_step(res, M))
         return stats
+
+    def _per_objective(self, x, name: str) -> torch.Tensor | None:
+        """x as a [K] float64 CPU vector (None when absent or not finite)."""
+        if x is None:
+            return None
+        v = torch.as_tensor(x).detach().to("cpu", torch.float64).flatten()
+        if v.numel() != self.K:
+            raise ValueError(f"{name} must be [K] = [{self.K}], got shape {tuple(v.shape)}")
+        return v if bool(torch.isfinite(v).all()) else None
 
     def _after_step(self, res: dict | None, M: torch.Tensor | None) -> dict:
         """Subclass hook run by update() after the P^3 statistics are committed (res is None when

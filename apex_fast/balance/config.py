@@ -66,6 +66,9 @@ class BalanceConfig:
     dual_cone: bool = False
     cone_kl: bool = False  # dual_cone: raise the cone's coefficients so the step WITH the KL term lowers no objective (needs J g_KL)
     cone_min_learn: float = 0.0  # dual_cone: objectives whose learnability L_k is below this stay outside the cone (0: none)
+    # dual_cone: objectives whose gradient persistence (EMA, beta_cone, of the cosine with the previous epoch's gradient,
+    # gram_estimate cross_epoch) is below this stay outside the cone: their mean gradient is not measured (0: none)
+    cone_min_persistence: float = 0.0
     beta_cone: float = 0.95  # EMA decay of the normalised Gram behind dual_cone (0: the last epoch's Gram)
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
@@ -135,6 +138,12 @@ class BalanceConfig:
              "and min_norm_base are two ways to combine the priorities with the Gram; set one of them")
         need(0 <= number("cone_min_learn") < 1, "cone_min_learn", f"must be in [0, 1) (L_k is in [0, 1]), got {self.cone_min_learn}")
         need(self.cone_min_learn == 0 or self.dual_cone, "cone_min_learn", "applies to the dual cone: set dual_cone: true")
+        need(0 <= number("cone_min_persistence") < 1, "cone_min_persistence",
+             f"must be in [0, 1) (a cosine; 0: off), got {self.cone_min_persistence}")
+        need(self.cone_min_persistence == 0 or self.dual_cone, "cone_min_persistence",
+             "applies to the dual cone: set dual_cone: true")
+        need(self.cone_min_persistence == 0 or self.gram_estimate == "cross_epoch", "cone_min_persistence",
+             "needs each gradient next to the previous epoch's: set gram_estimate: cross_epoch")
         need(isinstance(self.cone_kl, bool), "cone_kl", f"must be true or false, got {self.cone_kl!r}")
         need(not self.cone_kl or self.dual_cone, "cone_kl", "counts the KL term in the dual cone: set dual_cone: true")
         need(isinstance(self.aggregator_renorm, bool), "aggregator_renorm",

@@ -10,12 +10,12 @@
 """
 from .capture import ObjectiveGradients, lora_linears, weighted_products
 from .combine import aggregated_update, aggregator_coefficients, is_aggregator, scaled_coefficients
-from .estimate import EpochGram, adam_step_scale, kl_products
+from .estimate import EpochGram, adam_step_scale, gram_persistence, kl_products
 from .kbackward import KBackwardGradients
 from .probe import probe_gram
 from .reduce import sharded_gram
 from .sequence import EpochAdvantages, commit_epoch, epoch_advantages
 
-__all__ = ["EpochAdvantages", "EpochGram", "adam_step_scale", "kl_products", "KBackwardGradients", "ObjectiveGradients", "aggregated_update",
+__all__ = ["EpochAdvantages", "EpochGram", "adam_step_scale", "gram_persistence", "kl_products", "KBackwardGradients", "ObjectiveGradients", "aggregated_update",
            "aggregator_coefficients", "commit_epoch", "scaled_coefficients", "epoch_advantages", "is_aggregator", "lora_linears", "probe_gram",
            "sharded_gram", "weighted_products"]

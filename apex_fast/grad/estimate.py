@@ -13,6 +13,11 @@
   negative diagonal entry); the balancers take it as the benchmark measured it, unprojected.
 * ``cross_epoch_weight`` w < 1 (with cross_epoch): ``M = w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T``, the
   mean gradients' Gram plus (1 - w) of one epoch's sampling noise on the diagonal (a third sharded Gram).
+* ``persistence`` (with cross_epoch, from the second epoch): [K] ``cos(g_k,t, g_k,t-1)`` in the metric, each
+  objective's gradient against its own previous one. Its expectation is the share of the mean gradient
+  in the second moment, ``|mu_k|^2 / (|mu_k|^2 + noise)``: about 0 for an objective whose mean gradient the
+  epochs cannot measure (APEX's ``cone_min_persistence`` leaves those outside its cone). It costs the batch
+  Gram, a third sharded Gram.
 * metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
   ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
   AdamW step conflicts with none (the optimizer steps along ``P m``, not along the gradient).
@@ -48,22 +53,35 @@ class EpochGram:
         self.estimate = estimate
         self.cross_weight = float(cross_weight)
         self.prev: list[torch.Tensor] | None = None
+        self.persistence: torch.Tensor | None = None  # [K] float64 after a cross-epoch call, else None
 
     def __call__(self, blocks: list[torch.Tensor], runtime=None, scale: list[torch.Tensor] | None = None) -> torch.Tensor:
         def metric(bs):
             return bs if scale is None else [b * s.sqrt().to(b) for b, s in zip(bs, scale)]
 
         prev = self.prev
+        self.persistence = None
         if self.estimate == "cross_epoch":
             self.prev = [b.clone() for b in blocks]
+        batch = sharded_gram(metric(blocks), runtime)
         if prev is None or self.estimate == "batch":
-            return sharded_gram(metric(blocks), runtime)
+            return batch
         plus = sharded_gram(metric([a + b for a, b in zip(blocks, prev)]), runtime)
         minus = sharded_gram(metric([a - b for a, b in zip(blocks, prev)]), runtime)
         cross = (plus - minus) / 4
+        # |J_{t-1}|^2 in this epoch's metric: diag(plus + minus) / 2 = |J_t|^2 + |J_{t-1}|^2
+        now, before = batch.diagonal(), (plus + minus).diagonal() / 2 - batch.diagonal()
+        self.persistence = gram_persistence(cross.diagonal(), now, before)
         if self.cross_weight == 1.0:
             return cross
-        return self.cross_weight * cross + (1 - self.cross_weight) * sharded_gram(metric(blocks), runtime)
+        return self.cross_weight * cross + (1 - self.cross_weight) * batch
+
+
+def gram_persistence(cross: torch.Tensor, now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """[K] float64 ``cross_k / sqrt(now_k before_k)``: the cosine of each objective's gradient with its previous
+    one (``cross``: their inner products, ``now`` / ``before``: their squared norms); 0 where one vanishes."""
+    cross, den = cross.double().cpu(), (now.double().cpu().clamp_min(0) * before.double().cpu().clamp_min(0)).sqrt()
+    return torch.where(den > 0, cross / den.clamp_min(1e-300), torch.zeros_like(cross)).clamp(-1, 1)
 
 
 def kl_products(blocks: list[torch.Tensor], kl_blocks: list[torch.Tensor], runtime=None,

@@ -45,11 +45,13 @@ def epoch_advantages(balancer, R: torch.Tensor, group_ids: torch.Tensor,
 
 
 def commit_epoch(balancer, adv: EpochAdvantages, gram: torch.Tensor | None = None,
-                 kl_products: torch.Tensor | None = None) -> dict:
+                 kl_products: torch.Tensor | None = None, persistence: torch.Tensor | None = None) -> dict:
     """After training: ``update()`` once with the Gram measured during the update (``gram``) or
-    before it (``adv.gram``), and ``kl_products`` (J g_KL, for APEX's cone_kl); a no-op when the
+    before it (``adv.gram``), ``kl_products`` (J g_KL, for APEX's cone_kl) and ``persistence`` (each
+    gradient's cosine with its previous epoch's, for APEX's cone_min_persistence); a no-op when the
     same-epoch flow already committed. Returns the update diagnostics (also in ``adv.update_stats``)."""
     if not adv.committed:
-        adv.update_stats = balancer.update(gram=gram if gram is not None else adv.gram, kl_products=kl_products) or {}
+        adv.update_stats = balancer.update(gram=gram if gram is not None else adv.gram, kl_products=kl_products,
+                                           persistence=persistence) or {}
         adv.committed = True
     return adv.update_stats

@@ -94,7 +94,7 @@ class GRPOLearner(Learner):
         Ahat = None if self.grads is None else self.balancer.objective_advantages
         tstats = self.train_epoch(samples, adv.A[mine].to(device), epoch, Ahat=Ahat)
         M, b = self._epoch_gram()
-        commit_epoch(self.balancer, adv, gram=M, kl_products=b)
+        commit_epoch(self.balancer, adv, gram=M, kl_products=b, persistence=self.epoch_gram.persistence if M is not None else None)
         return {**adv.stats, **adv.update_stats, **tstats, **advantage_metrics(adv.A, group_ids)}
 
     # ------------------------------------------------------------------ losses
