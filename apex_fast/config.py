@@ -348,7 +348,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(data, o)
         if not isinstance(data, dict):  # pragma: no cover - apply_override keeps the root a dict
             raise ConfigError(f"--set {o}: the config must stay a mapping of sections")
-    return from_dict(Config, data).validate()
+    cfg = from_dict(Config, data)
+    given = data.get("balance") if isinstance(data.get("balance"), dict) else {}
+    cfg.balance = cfg.balance.with_captured_gradient_defaults(given, kl=cfg.train.kl_beta > 0 and cfg.lora.enabled)
+    return cfg.validate()
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apex_fast.balance import BalanceConfig, make_balancer  # noqa: E402
+from apex_fast.balance.config import CAPTURED_GRADIENT_DEFAULTS  # noqa: E402
 from apex_fast.grad import adam_step_scale, commit_epoch, epoch_advantages, gram_persistence  # noqa: E402
 from bench.scenario import D, SIGMA, ToyBatch, load_scenario, shipped_scenarios  # noqa: E402
 
@@ -107,10 +108,10 @@ VARIANTS = {
     # ... with the objectives P^3 reads as unlearnable (L < 0.25) outside the cone (validated on seeds 96-127)
     "apex+cone-kl-b90-L": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
                            "beta_cone": 0.9, "cone_min_learn": 0.25, GRAM_KEY: "cross_epoch+adam"},
-    # ... and objectives whose gradient persistence (EMA of cos(g_t, g_{t-1})) is below 0.1 outside the cone too
-    "apex+cone-kl-b90-LP": {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "gradients": "one_backward",
-                            "beta_cone": 0.9, "cone_min_learn": 0.25, "cone_min_persistence": 0.1,
-                            "gram_estimate": "cross_epoch", GRAM_KEY: "cross_epoch+adam"},
+    # APEX as the trainer configures it when it captures the per-objective gradients (balance.gradients
+    # one_backward): BalanceConfig.with_captured_gradient_defaults, its Gram measured as those defaults say
+    "apex-1bw": {"gradients": "one_backward", **CAPTURED_GRADIENT_DEFAULTS,
+                 GRAM_KEY: CAPTURED_GRADIENT_DEFAULTS["gram_estimate"] + "+" + CAPTURED_GRADIENT_DEFAULTS["gram_metric"]},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # opt-in variants whose acceptance checks algorithm.md also lists
@@ -123,7 +124,7 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
           "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9",
           "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25",
-          "apex+cone-kl-b90-LP": "apex+cone-kl-b90-L with cone_min_persistence 0.1"}
+          "apex-1bw": "the trainer's APEX with gradients one_backward: apex+cone-kl-b90-L with cone_min_persistence 0.1"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 

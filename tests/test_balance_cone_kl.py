@@ -183,7 +183,7 @@ def test_the_trainer_hands_the_kl_products_to_apex(tmp_path):
     epoch's captured blocks (this epoch's J, whatever the Gram estimate), the KL term has a gradient."""
     cfg = make_cfg(tmp_path, "train.epochs=2", "balance.method=apex", "balance.gradients=one_backward",
                    "balance.dual_cone=true", "balance.conflict_damping=0", "balance.cone_kl=true",
-                   "balance.gram_estimate=cross_epoch", "balance.warmup_epochs=0")
+                   "balance.gram_estimate=cross_epoch", "balance.gram_metric=parameters", "balance.warmup_epochs=0")
     tr = Trainer(cfg)
     seen, got = [], []
     real = tr.learner._epoch_gram

@@ -126,7 +126,8 @@ def test_the_trainer_hands_the_persistence_to_apex(tmp_path):
     for p, est in got[1:]:
         assert p is not None and p.shape == (3,) and bool(((p >= -1) & (p <= 1)).all())
         torch.testing.assert_close(p, est)
-    ema = 0.05 * got[1][0] * 0.95 + 0.05 * got[2][0]  # beta_cone 0.95, from 0
+    b = cfg.balance.beta_cone  # EMA from 0
+    ema = (1 - b) * got[1][0] * b + (1 - b) * got[2][0]
     torch.testing.assert_close(tr.balancer.cone_persist, ema.double())
     rows = list(csv.DictReader((Path(cfg.log.output_dir) / "metrics.csv").open()))
     names = ("jpeg_compressibility", "colorfulness", "contrast")

@@ -194,7 +194,7 @@ def test_deepspeed_zero2_gives_the_same_adam_metric_gram_as_the_torch_engine(tmp
     # the batch estimate: its logged cosines are those of the metric's Gram (the cross-epoch one can have a
     # negative diagonal on this random model, whose cosines then read 0)
     base = ["train.epochs=2", "balance.method=apex", "balance.gradients=one_backward", "balance.dual_cone=true",
-            "balance.conflict_damping=0", "train.ema=false"]
+            "balance.conflict_damping=0", "balance.gram_estimate=batch", "train.ema=false"]
     out = tmp_path / "ds"
     deepspeed_one_process(tmp_path, out, FAST + base + ["balance.gram_metric=adam"])
     for metric in ("adam", "parameters"):

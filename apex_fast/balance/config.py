@@ -3,6 +3,7 @@ The top-level run config embeds this dataclass as ``balance``; every error names
 ``balance.<field>``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,14 @@ WARMUP_PRIORITIES = ("uniform", "weights")
 GRADIENTS = ("proxy", "one_backward", "k_backward")
 GRAM_ESTIMATES = ("batch", "cross_epoch")
 GRAM_METRICS = ("parameters", "adam")
+
+# APEX's defaults when the trainer captures the per-objective gradients (gradients one_backward / k_backward):
+# the dual cone over the measured mean gradients that counts the KL term's pull, with the objectives it cannot
+# help (unlearnable, or whose mean gradient the epochs do not measure) outside it. Chosen on the algorithm
+# benchmark's seeds 0-95 and checked on fresh ones (README "What the algorithm benchmark shows").
+CAPTURED_GRADIENT_DEFAULTS = {"dual_cone": True, "conflict_damping": 0.0, "cone_kl": True, "beta_cone": 0.9,
+                              "cone_min_learn": 0.25, "cone_min_persistence": 0.1, "gram_estimate": "cross_epoch",
+                              "gram_metric": "adam"}
 
 
 @dataclass
@@ -60,15 +69,15 @@ class BalanceConfig:
     # of the scale-normalised Gram (from the source conflict_source picks: the real Gram or the advantage proxy)
     min_norm_base: bool = False  # P^3 tilts the min-norm combination instead of the preference weights
     beta_gram: float = 0.98  # EMA decay of the normalised Gram behind the min-norm base
-    # opt-in: stage 2 uses UPGrad with pi as its preference vector, c = sum_k argmin_{v >= pi_k e_k} v^T G v, G an
-    # EMA (beta_cone) of the scale-normalised real Gram: the direction conflicts with no objective (README: use it
-    # with conflict_damping 0, the cone removes the conflicts the damping guards against)
-    dual_cone: bool = False
+    # stage 2 uses UPGrad with pi as its preference vector, c = sum_k argmin_{v >= pi_k e_k} v^T G v, G an EMA
+    # (beta_cone) of the scale-normalised real Gram: the direction conflicts with no objective (use it with
+    # conflict_damping 0, the cone removes the conflicts the damping guards against). Off by default; APEX with
+    # gradients one_backward / k_backward turns it on with CAPTURED_GRADIENT_DEFAULTS for the fields not set.
+    dual_cone: bool = False  # APEX's dual cone (default off; on with gradients one_backward/k_backward unless set)
     cone_kl: bool = False  # dual_cone: raise the cone's coefficients so the step WITH the KL term lowers no objective (needs J g_KL)
     cone_min_learn: float = 0.0  # dual_cone: objectives whose learnability L_k is below this stay outside the cone (0: none)
-    # dual_cone: objectives whose gradient persistence (EMA, beta_cone, of the cosine with the previous epoch's gradient,
-    # gram_estimate cross_epoch) is below this stay outside the cone: their mean gradient is not measured (0: none)
-    cone_min_persistence: float = 0.0
+    # gradient persistence: EMA (beta_cone, from 0) of the cosine of each epoch's gradient with the previous one
+    cone_min_persistence: float = 0.0  # dual_cone + cross_epoch: objectives whose gradient persistence is below this stay outside the cone (0: none)
     beta_cone: float = 0.95  # EMA decay of the normalised Gram behind dual_cone (0: the last epoch's Gram)
 
     # --- FAMO baseline (adaptive weighting, no Gram) ---
@@ -175,6 +184,20 @@ class BalanceConfig:
             for i, t in enumerate(self.targets):
                 ok = t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t))
                 need(ok, f"targets[{i}]", f"must be a finite number or null, got {t!r}")
+
+    def with_captured_gradient_defaults(self, given=(), kl: bool = True) -> "BalanceConfig":
+        """APEX with gradients one_backward / k_backward: the fields not in ``given`` (those the user set) take
+        CAPTURED_GRADIENT_DEFAULTS (cone_kl only when the run has a KL term, ``kl``; cone_min_persistence only with
+        the cross-epoch estimate). Any other method, the
+        proxy, an explicit ``dual_cone: false`` or ``min_norm_base: true``: this config unchanged."""
+        given = set(given)
+        if self.method != "apex" or self.gradients == "proxy" or self.min_norm_base or \
+                ("dual_cone" in given and not self.dual_cone):
+            return self
+        over = {k: v for k, v in CAPTURED_GRADIENT_DEFAULTS.items() if k not in given and (k != "cone_kl" or kl)}
+        if over.get("gram_estimate", self.gram_estimate) != "cross_epoch":  # the persistence needs the previous epoch
+            over.pop("cone_min_persistence", None)
+        return dataclasses.replace(self, **over)
 
     def validate_for(self, K: int) -> None:
         """Checks that depend on the number of objectives K (called when a balancer is built)."""
