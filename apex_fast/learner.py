@@ -89,6 +89,10 @@ class Learner:
         """Weights to evaluate with (the EMA), or None for the current weights."""
         return None if self.ema is None else self.ema.values
 
+    def prepare_checkpoint(self) -> None:
+        """A collective, on every rank before rank 0 writes a checkpoint: gathers what ``state_dict`` needs
+        from every rank (nothing here)."""
+
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "ema": None if self.ema is None else self.ema.values,
                 "skipped_steps": self.skipped_steps}

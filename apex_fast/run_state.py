@@ -260,6 +260,7 @@ class RunState:
         engine_dir = self.engine.save_checkpoint(staging)
         trainable = self.weights.checkpoint_tensors()  # the raw weights: what a resume continues from
         self._check_finite(epoch, trainable)
+        self.learner.prepare_checkpoint()  # a collective: what the learner's state needs from every rank
         path = None
         # the diffusers LoRA holds the exported weights (the EMA when there is one); a collective
         with self.weights.swapped(self.learner.eval_weights()), \

@@ -133,6 +133,34 @@ def test_apex_conflict_from_the_update_gram_with_options(tmp_path):
     assert all(math.isfinite(float(rows[1][f"C/{n}"])) for n in ("jpeg_compressibility", "colorfulness", "contrast"))
 
 
+def test_resume_is_exact_with_apex_captured_gradient_defaults(tmp_path):
+    """APEX with one_backward runs the cross-epoch Gram (CAPTURED_GRADIENT_DEFAULTS): the checkpoint keeps the
+    previous epoch's blocks, so a run resumed after epoch 2 gets epoch 3's cross-epoch Gram (which sets epoch
+    4's coefficients) and ends with the uninterrupted run's weights and balancer state, bit for bit."""
+    extra = ["balance.method=apex", "balance.gradients=one_backward", "balance.warmup_epochs=0",
+             "balance.cone_min_persistence=0.0"]  # every objective in the cone from the start: the Gram acts
+    straight = Trainer(make_cfg(tmp_path, "train.epochs=4", *extra, name="a"))
+    assert straight.cfg.balance.gram_estimate == "cross_epoch" and straight.cfg.balance.dual_cone
+    straight.fit()
+    Trainer(make_cfg(tmp_path, "train.epochs=2", *extra, name="b")).fit()
+    from apex_fast.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "checkpoint-000002")["gram_prev"]
+    assert saved is not None and len(saved) == len(straight.learner.epoch_gram.prev)
+    resumed = Trainer(make_cfg(tmp_path, "train.epochs=4", "checkpoint.resume=latest", *extra, name="b"))
+    resumed.fit()
+    wa, wb = lora_weights(straight), lora_weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert torch.equal(straight.balancer.cone_gram, resumed.balancer.cone_gram)
+    assert torch.equal(straight.balancer.cone_persist, resumed.balancer.cone_persist)
+    # without the blocks the resumed run's first Gram is the batch one: the balancer's state differs
+    Trainer(make_cfg(tmp_path, "train.epochs=2", *extra, name="c")).fit()
+    lost = Trainer(make_cfg(tmp_path, "train.epochs=4", "checkpoint.resume=latest", *extra, name="c"))
+    lost.learner.epoch_gram.restore_blocks = lambda blocks, device=None: None
+    lost.fit()
+    assert not torch.equal(straight.balancer.cone_gram, lost.balancer.cone_gram)
+
+
 def test_resume_is_exact_with_one_backward(tmp_path):
     extra = ["balance.method=pcgrad", "balance.gradients=one_backward", "balance.gram_every_steps=3"]
     straight = Trainer(make_cfg(tmp_path, "train.epochs=2", *extra, name="a"))

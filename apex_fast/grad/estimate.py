@@ -7,8 +7,9 @@
 * ``cross_epoch``: ``M = sym(J_t J_{t-1}^T)``, the Gram of the mean gradients (two epochs' draws are
   independent, so the noise terms average out). Computed by polarization,
   ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py (twice an
-  epoch, no other collective); each rank keeps its own previous blocks (K x the Gram layers' size). The first epoch
-  (and the first after a resume: the previous blocks are not checkpointed) gets the batch Gram. The
+  epoch, no other collective); each rank keeps its own previous blocks (K x the Gram layers' size), and a
+  checkpoint keeps their mean over ranks, so a resume continues with the same Gram. The first epoch gets the
+  batch Gram. The
   estimate is unbiased but not positive semi-definite in general (a noise-dominated objective can get a
   negative diagonal entry); the balancers take it as the benchmark measured it, unprojected.
 * ``cross_epoch_weight`` w < 1 (with cross_epoch): ``M = w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T``, the
@@ -55,11 +56,28 @@ class EpochGram:
         self.prev: list[torch.Tensor] | None = None
         self.persistence: torch.Tensor | None = None  # [K] float64 after a cross-epoch call, else None
 
+    def checkpoint_blocks(self, runtime=None) -> list[torch.Tensor] | None:
+        """The previous blocks averaged over ranks (a collective with several processes; None when there are
+        none). Every Gram here is of the mean over ranks, so a resume in which every rank holds this mean
+        gets the same cross-epoch Gram (one process: exactly; several: up to the rounding of the mean)."""
+        if self.prev is None:
+            return None
+        out = [b.detach().clone() for b in self.prev]
+        return out if runtime is None else runtime.all_reduce_mean_(out)
+
+    def restore_blocks(self, blocks: list[torch.Tensor] | None, device=None) -> None:
+        """Put back ``checkpoint_blocks``'s blocks (cross_epoch only; None or another estimate: nothing)."""
+        if blocks is None or self.estimate != "cross_epoch":
+            return
+        self.prev = [torch.as_tensor(b).to(device if device is not None else "cpu", torch.float32).clone() for b in blocks]
+
     def __call__(self, blocks: list[torch.Tensor], runtime=None, scale: list[torch.Tensor] | None = None) -> torch.Tensor:
         def metric(bs):
             return bs if scale is None else [b * s.sqrt().to(b) for b, s in zip(bs, scale)]
 
         prev = self.prev
+        if prev is not None and [tuple(p.shape) for p in prev] != [tuple(b.shape) for b in blocks]:
+            prev = None  # restored from a checkpoint of other Gram layers (a forced resume): start again
         self.persistence = None
         if self.estimate == "cross_epoch":
             self.prev = [b.clone() for b in blocks]

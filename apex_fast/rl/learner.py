@@ -318,13 +318,18 @@ class GRPOLearner(Learner):
         self._epoch_J = self._epoch_kl = None
         return M, b
 
+    def prepare_checkpoint(self) -> None:
+        # the cross-epoch estimate's previous blocks, averaged over ranks: a resume's first Gram is the same
+        self._gram_prev = self.epoch_gram.checkpoint_blocks(self.runtime)
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "grad_coef": self.coef}
+        return {**super().state_dict(), "grad_coef": self.coef, "gram_prev": getattr(self, "_gram_prev", None)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         coef = state.get("grad_coef")
         self.coef = None if coef is None else torch.as_tensor(coef, dtype=torch.float64).clone()
+        self.epoch_gram.restore_blocks(state.get("gram_prev"), self.runtime.device)
 
     def _record(self, stats: dict, out, n: int | None = None) -> None:
         """Per trained timestep (rows of n samples each): approx_kl, clipfrac, kl, policy_loss."""
