@@ -114,7 +114,7 @@ VARIANTS = {
                  GRAM_KEY: CAPTURED_GRADIENT_DEFAULTS["gram_estimate"] + "+" + CAPTURED_GRADIENT_DEFAULTS["gram_metric"]},
 }
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
-# opt-in variants whose acceptance checks algorithm.md also lists
+# variants whose acceptance checks algorithm.md also lists (opt-in ones, and apex-1bw: APEX with captured gradients)
 OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0",
           "apex+cone-xgram": "apex+cone with the Gram measured across epochs",
           "apex+cone-xgram75": "apex+cone with 3/4 cross-epoch + 1/4 batch Gram",
@@ -124,7 +124,7 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
           "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9",
           "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25",
-          "apex-1bw": "the trainer's APEX with gradients one_backward: apex+cone-kl-b90-L with cone_min_persistence 0.1"}
+          "apex-1bw": "APEX as the trainer runs it with gradients one_backward: apex+cone-kl-b90-L with cone_min_persistence 0.1"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
@@ -523,7 +523,7 @@ def render(blob: dict, meta: dict) -> str:
     lines = table("apex", "APEX")
     for variant, what in OPT_IN.items():
         if criteria(blob, variant):
-            lines += ["", f"The same checks for the opt-in `{variant}` ({what}), on the scenarios it ran on:", ""]
+            lines += ["", f"The same checks for `{variant}` ({what}), on the scenarios it ran on:", ""]
             lines += table(variant, variant)
     report = []
     for name, b in blob.items():
