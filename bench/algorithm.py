@@ -113,6 +113,8 @@ VARIANTS = {
     "apex-1bw": {"gradients": "one_backward", **CAPTURED_GRADIENT_DEFAULTS,
                  GRAM_KEY: CAPTURED_GRADIENT_DEFAULTS["gram_estimate"] + "+" + CAPTURED_GRADIENT_DEFAULTS["gram_metric"]},
 }
+# ... without P^3: the cone's preference vector stays uniform (what P^3 adds inside the cone)
+VARIANTS["apex-1bw-noP3"] = {**VARIANTS["apex-1bw"], "warmup_epochs": 10**9}
 ABLATIONS = [k for k in VARIANTS if k != "apex"]
 # variants whose acceptance checks algorithm.md also lists (opt-in ones, and apex-1bw: APEX with captured gradients)
 OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual_cone with conflict_damping 0",
@@ -124,7 +126,8 @@ OPT_IN = {"apex+mn-gram": "min_norm_base with the real Gram", "apex+cone": "dual
           "apex+cone-kl": "apex+cone-xgram-adam with the KL term in the cone (cone_kl)",
           "apex+cone-kl-b90": "apex+cone-kl with beta_cone 0.9",
           "apex+cone-kl-b90-L": "apex+cone-kl-b90 with cone_min_learn 0.25",
-          "apex-1bw": "APEX as the trainer runs it with gradients one_backward: apex+cone-kl-b90-L with cone_min_persistence 0.1"}
+          "apex-1bw": "APEX as the trainer runs it with gradients one_backward: apex+cone-kl-b90-L with cone_min_persistence 0.1",
+          "apex-1bw-noP3": "apex-1bw with uniform priorities (no P^3)"}
 ABLATION_SCENARIOS = ["paper", "k2_conflict", "k6", "saturating", "noise"]
 LR, INNER, CLIP, KL_BETA, ADV_CLIP = 0.005, 2, 0.02, 0.01, 5.0
 
