@@ -171,9 +171,20 @@ class Trainer:
             **({"transformer": "torch.compile (model.compile): the first call of each shape compiles, so the first "
                                "epoch and the first evaluation are slower"} if cfg.model.compile else {}),
             "rewards": ", ".join(f"{r.name} ({r.weight:g})" for r in cfg.rewards) + f"; balance {cfg.balance.method}",
+            **({"per-objective gradients": self._gradients_line()} if cfg.balance.gradients != "proxy" else {}),
             "output folder": str(self.out_dir.resolve()),
         }
         return format_banner(items)
+
+    def _gradients_line(self) -> str:
+        """balance.gradients and, for APEX's dual cone (its default with captured gradients), what it runs."""
+        b = self.cfg.balance
+        line = f"{b.gradients} (Gram: {b.gram_estimate}, {b.gram_metric} metric)"
+        if b.method == "apex" and b.dual_cone:
+            parts = ["dual cone", f"beta_cone {b.beta_cone:g}"] + (["KL term counted"] if b.cone_kl else []) + \
+                    [f"cone_min_learn {b.cone_min_learn:g}", f"cone_min_persistence {b.cone_min_persistence:g}"]
+            line += "; APEX " + ", ".join(parts) + " (README: APEX with captured gradients)"
+        return line
 
     def check_rewards(self, prompts) -> None:
         """Every scorer once on a probe batch (rewards/preflight.py), on every rank; a failure on any

@@ -64,3 +64,16 @@ def test_bench_apex_1bw_is_the_trainers_configuration():
     assert A.make_cfg("apex-1bw") == want
     assert A.gram_measurement("apex-1bw") == "cross_epoch+adam"
     assert A.parse_gram_measurement(A.gram_measurement("apex-1bw")) == (1.0, True)
+
+
+def test_the_run_banner_says_what_apex_runs(tmp_path):
+    """A user who sets only gradients: one_backward is told at the start that APEX runs the dual cone."""
+    from apex_fast.train import Trainer
+
+    from test_grad_training import make_cfg
+
+    banner = Trainer(make_cfg(tmp_path, "balance.method=apex", "balance.gradients=one_backward")).banner()
+    assert "per-objective gradients" in banner and "one_backward (Gram: cross_epoch, adam metric)" in banner
+    assert "APEX dual cone, beta_cone 0.9, KL term counted" in banner
+    plain = Trainer(make_cfg(tmp_path, "balance.method=apex", name="proxy")).banner()
+    assert "per-objective gradients" not in plain
