@@ -465,14 +465,17 @@ def plot_summary(blob: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
     for ax, key, title in ((axes[0], "worst", "worst-objective improvement (base stds)"),
                            (axes[1], "hypervolume", "hypervolume of the improvements")):
-        methods = [m for m in METHODS if all(m in blob[s]["summary"] for s in scen)]
+        # the baselines, APEX, and APEX as the trainer runs it with captured gradients when it ran everywhere
+        methods = [m for m in [*METHODS, "apex-1bw"] if all(m in blob[s]["summary"] for s in scen)]
         width = 0.8 / max(1, len(methods))
         x = np.arange(len(scen))
         for i, m in enumerate(methods):
             vals = [blob[s]["summary"][m][key][0] for s in scen]
             errs = [blob[s]["summary"][m][key][1] for s in scen]
-            ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, yerr=errs, label=m, capsize=2,
-                   edgecolor="k" if m == "apex" else None, lw=1.5 if m == "apex" else 0)
+            apex = m.startswith("apex")
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, yerr=errs, capsize=2,
+                   label="apex, one_backward" if m == "apex-1bw" else m, color="gold" if m == "apex-1bw" else None,
+                   edgecolor="k" if apex else None, lw=1.5 if apex else 0)
         ax.set_xticks(x, scen)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(title + ", mean ± SE over seeds")
