@@ -1,6 +1,6 @@
 """Per-objective gradients over ranks (gloo, CPU): the sharded Gram (each rank's partial Gram over
 the shard of the averaged J it owns after one reduce-scatter, one all-reduce of K x K values) is the
-one-process Gram and identical on every rank, and so is the cross-epoch Gram built from it; a 2-process DeepSpeed ZeRO-2 run with
+one-process Gram and identical on every rank, and so is the cross-epoch Gram built from it (also after a resume from the checkpointed mean of the previous blocks); a 2-process DeepSpeed ZeRO-2 run with
 balance.gradients one_backward trains like one process."""
 import json
 import subprocess
@@ -48,14 +48,21 @@ flat = torch.cat([b.reshape(3, -1) for b in mean], 1).double()
 # give sym(mean J_2 mean J_1^T)
 est = EpochGram("cross_epoch")
 est(blocks(r), Runtime(rank=r, world_size=w))
+ck = est.checkpoint_blocks(Runtime(rank=r, world_size=w))  # a checkpoint after epoch 1: the mean over ranks
 M2 = est(blocks(r + 10), Runtime(rank=r, world_size=w))
+resumed = EpochGram("cross_epoch")  # a resume: every rank holds the checkpoint's mean
+resumed.restore_blocks(ck)
+M2r = resumed(blocks(r + 10), Runtime(rank=r, world_size=w))
 mean2 = [sum(b) / w for b in zip(*[blocks(q + 10) for q in range(w)])]
 a = torch.cat([b.reshape(3, -1) for b in mean2], 1).double()
 cross = 0.5 * (a @ flat.T + flat @ a.T)
 if r == 0:
     json.dump(dict(same=all(torch.equal(o, M) for o in out), err=float((M - flat @ flat.T).abs().max()),
                    scale=float((flat @ flat.T).abs().max()), cross_err=float((M2 - cross).abs().max()),
-                   cross_scale=float(cross.abs().max())), open({out!r}, "w"))
+                   cross_scale=float(cross.abs().max()), resume_err=float((M2r - M2).abs().max()),
+                   persistence_err=float((resumed.persistence - est.persistence).abs().max()),
+                   ck_err=max(float((c - m).abs().max()) for c, m in zip(ck, [sum(b) / w for b in zip(*[blocks(q) for q in range(w)])]))),
+              open({out!r}, "w"))
 dist.destroy_process_group()
 """
 
@@ -69,6 +76,8 @@ def test_sharded_gram_is_the_gram_of_the_mean_and_identical_on_every_rank(tmp_pa
     res = json.loads(out.read_text())
     assert res["same"] and res["err"] <= 1e-5 * res["scale"], res
     assert res["cross_err"] <= 1e-5 * res["cross_scale"], res
+    # the checkpoint holds the mean of the ranks' previous blocks, and a resume from it gets the same Gram
+    assert res["ck_err"] <= 1e-6 and res["resume_err"] <= 1e-5 * res["cross_scale"] and res["persistence_err"] <= 1e-5, res
     one = [torch.randn(2, 4), torch.randn(2, 3)]  # one process: the plain Gram
     flat = torch.cat(one, 1).double()
     assert torch.allclose(sharded_gram(one), flat @ flat.T, atol=1e-5)
