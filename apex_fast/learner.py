@@ -89,9 +89,10 @@ class Learner:
         """Weights to evaluate with (the EMA), or None for the current weights."""
         return None if self.ema is None else self.ema.values
 
-    def prepare_checkpoint(self) -> None:
-        """A collective, on every rank before rank 0 writes a checkpoint: gathers what ``state_dict`` needs
-        from every rank (nothing here)."""
+    def gathered_state(self) -> dict:
+        """A collective, on every rank before rank 0 writes a checkpoint: the part of the state gathered from
+        every rank, which the checkpoint adds to ``state_dict()`` (nothing here)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "ema": None if self.ema is None else self.ema.values,

@@ -260,7 +260,7 @@ class RunState:
         engine_dir = self.engine.save_checkpoint(staging)
         trainable = self.weights.checkpoint_tensors()  # the raw weights: what a resume continues from
         self._check_finite(epoch, trainable)
-        self.learner.prepare_checkpoint()  # a collective: what the learner's state needs from every rank
+        gathered = self.learner.gathered_state()  # a collective: the learner's state held across ranks
         path = None
         # the diffusers LoRA holds the exported weights (the EMA when there is one); a collective
         with self.weights.swapped(self.learner.eval_weights()), \
@@ -272,7 +272,7 @@ class RunState:
                     if engine_dir is not None:
                         Path(engine_dir).rename(Path(tmp) / DS_CHECKPOINT_DIR)
 
-                path = save_checkpoint(self.ckpt_dir, epoch, self._state(epoch, eval_history, trainable),
+                path = save_checkpoint(self.ckpt_dir, epoch, {**self._state(epoch, eval_history, trainable), **gathered},
                                        write_extra=write_extra, keep=self.cfg.checkpoint.keep)
                 log.info("saved checkpoint %s", path)
         self.runtime.barrier()

@@ -132,11 +132,11 @@ class APEX(Balancer):
         if res is not None and self.cfg.cone_min_learn > 0:
             self.cone_learn = torch.as_tensor(res["L"], dtype=torch.float64).flatten().cpu().clone()
         stats = {}
-        if self.cfg.dual_cone and self._persistence is not None:
-            p, b = self._persistence, self.cfg.beta_cone
-            self.cone_persist = b * self.cone_persist + (1 - b) * p
-            stats.update(self._vec("persistence", self.cone_persist))
         if self.cfg.dual_cone:  # the conflicts that persist, not one batch's sampling noise
+            if self._persistence is not None:
+                b = self.cfg.beta_cone
+                self.cone_persist = b * self.cone_persist + (1 - b) * self._persistence
+                stats.update(self._vec("persistence", self.cone_persist))
             if self.cfg.cone_kl and M is not None and self._kl_products is not None:
                 self.cone_kl = normalised_kl_ema(self.cone_kl, M, self._kl_products, self.cfg.beta_cone, self.weights > 0)
             self.cone_gram = normalised_gram_ema(self.cone_gram, M, self.cfg.beta_cone, self.weights > 0)

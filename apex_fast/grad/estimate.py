@@ -6,19 +6,19 @@
   objective (a sparse OCR reward) reads as larger and less opposed to the others than it is.
 * ``cross_epoch``: ``M = sym(J_t J_{t-1}^T)``, the Gram of the mean gradients (two epochs' draws are
   independent, so the noise terms average out). Computed by polarization,
-  ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py (twice an
-  epoch, no other collective); each rank keeps its own previous blocks (K x the Gram layers' size), and a
-  checkpoint keeps their mean over ranks, so a resume continues with the same Gram. The first epoch gets the
-  batch Gram. The
-  estimate is unbiased but not positive semi-definite in general (a noise-dominated objective can get a
-  negative diagonal entry); the balancers take it as the benchmark measured it, unprojected.
+  ``(G(J_t + J_{t-1}) - G(J_t - J_{t-1})) / 4``, with the sharded Gram of grad/reduce.py, next to the batch
+  Gram (three sharded Grams an epoch, no other collective); each rank keeps its own previous blocks (K x the
+  Gram layers' size), and a checkpoint keeps their mean over ranks, so a resume continues with the same Gram.
+  The first epoch gets the batch Gram. The estimate is unbiased but not positive semi-definite in general (a
+  noise-dominated objective can get a negative diagonal entry); the balancers take it as the benchmark
+  measured it, unprojected.
 * ``cross_epoch_weight`` w < 1 (with cross_epoch): ``M = w sym(J_t J_{t-1}^T) + (1 - w) J_t J_t^T``, the
-  mean gradients' Gram plus (1 - w) of one epoch's sampling noise on the diagonal (a third sharded Gram).
+  mean gradients' Gram plus (1 - w) of one epoch's sampling noise on the diagonal.
 * ``persistence`` (with cross_epoch, from the second epoch): [K] ``cos(g_k,t, g_k,t-1)`` in the metric, each
-  objective's gradient against its own previous one. Its expectation is the share of the mean gradient
-  in the second moment, ``|mu_k|^2 / (|mu_k|^2 + noise)``: about 0 for an objective whose mean gradient the
-  epochs cannot measure (APEX's ``cone_min_persistence`` leaves those outside its cone). It costs the batch
-  Gram, a third sharded Gram.
+  objective's gradient against its own previous one, from the diagonals of the three Grams. Its expectation
+  is the share of the mean gradient in the second moment, ``|mu_k|^2 / (|mu_k|^2 + noise)``: about 0 for an
+  objective whose mean gradient the epochs cannot measure (APEX's ``cone_min_persistence`` leaves those
+  outside its cone).
 * metric ``adam``: inner products ``<x, y> = sum x P y`` with AdamW's per-coordinate step scale
   ``P = 1 / (sqrt(v_hat) + eps)``, so a direction that conflicts with no objective in M is one whose
   AdamW step conflicts with none (the optimizer steps along ``P m``, not along the gradient).

@@ -318,12 +318,12 @@ class GRPOLearner(Learner):
         self._epoch_J = self._epoch_kl = None
         return M, b
 
-    def prepare_checkpoint(self) -> None:
+    def gathered_state(self) -> dict:
         # the cross-epoch estimate's previous blocks, averaged over ranks: a resume's first Gram is the same
-        self._gram_prev = self.epoch_gram.checkpoint_blocks(self.runtime)
+        return {"gram_prev": self.epoch_gram.checkpoint_blocks(self.runtime)}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "grad_coef": self.coef, "gram_prev": getattr(self, "_gram_prev", None)}
+        return {**super().state_dict(), "grad_coef": self.coef}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
