@@ -194,7 +194,9 @@ def fmt_n(row: dict) -> str:
 def table(result: dict) -> str:
     names = result["objectives"] + ["weighted sum"]
     lines = [f"# Policy-gradient signal on the testbed at the start ({result['samples']} samples, "
-             f"{result['chunks']} chunks of {result['chunk_samples']})", "",
+             f"{result['chunks']} chunks of {result['chunk_samples']}"
+             + (f"; SDE window {result['sde_window']}: only those steps stochastic and trained" if result.get("sde_window") else "")
+             + ")", "",
              f"Command: `{result['command']}`; device: {result['device']}; seconds: {result['seconds']}", "",
              "n_half = samples per update for an expected cosine of 1/2 between two independent updates "
              "(cos@128: expected cosine at the demo's 128 samples an epoch).", ""]
