@@ -25,7 +25,6 @@ sees at the start). The jackknife over chunks gives each signal's standard error
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import sys
@@ -107,8 +106,8 @@ def main(argv=None):
     G = s.group_size
     all_prompts = [p for p in prompts for _ in range(G)]
     N = len(all_prompts)
-    emb, pooled = encode_prompts(pipe, list(dict.fromkeys(prompts)), "cpu", max_sequence_length=s.max_sequence_length)
-    uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # each distinct prompt encoded once
+    emb, pooled = encode_prompts(pipe, list(uniq), "cpu", max_sequence_length=s.max_sequence_length)
     idx = torch.tensor([uniq[p] for p in all_prompts])
     ne, npool = encode_negative(pipe, 1, "cpu", max_sequence_length=s.max_sequence_length)
     cond = Conditioning(emb[idx].float(), pooled[idx].float(), ne.float().expand(N, -1, -1), npool.float().expand(N, -1))
@@ -166,12 +165,11 @@ def main(argv=None):
         result.setdefault("mean_gradient_cosine", {})[metric] = mean_gradient_cosines(g_all)
         per = {}
         for label, js in subsets.items():
-            row = {}
-            for k, n in enumerate(names + ["weighted sum"]):
-                g = grads[:, js].sum(1)
-                g = g[:, k] if k < K else (g * weights[None, :, None]).sum(1)
-                row[n] = snr(g if scale is None else g * scale, chunk)
-            per[label] = row
+            g_js = grads[:, js].sum(1)  # [M, K, P]
+            g_js = torch.cat([g_js, (g_js * weights[None, :, None]).sum(1, keepdim=True)], 1)
+            if scale is not None:
+                g_js = g_js * scale
+            per[label] = {n: snr(g_js[:, k], chunk) for k, n in enumerate(names + ["weighted sum"])}
         result["metrics"][metric] = per
     result["setup"] = {"config": args.config, "overrides": args.set, "repeats": args.repeats, "seed": args.seed}
     result["device"] = f"cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}, threads {torch.get_num_threads()}"
